@@ -1,0 +1,95 @@
+"""The bank and the composer: `weights = compose(plan, bank)`.
+
+A bank is a pytree of trainable arrays:
+
+    {"templates":    {bank key: [templates, L]},
+     "partial":      {bank key: [m]}             (banks with a partial template),
+     "coefficients": {bank key: [groups, num_templates]}}
+
+A layer's SuperWeight at a level is its coefficient row times the level's
+templates; its weight is built level by level (method.md sections 2-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from superweights.plan import BankSpec, Level, Plan
+
+
+def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Initialises every entry of every bank.
+
+    Templates are normal with a He scale for the level's fan-in; each bank's
+    coefficient rows are orthogonal to one another where there are no more rows
+    than templates (orthogonal columns otherwise), and scaled to unit norm, so a
+    composed weight has the variance of one template entry.
+    """
+    bank = {"templates": {}, "partial": {}, "coefficients": {}}
+    keys = jax.random.split(key, (len(plan.banks), 3))
+    for spec, (k_templates, k_partial, k_coefficients) in zip(plan.banks, keys, strict=True):
+        std = math.sqrt(2.0 / spec.fan_in)
+        shape = (spec.templates, spec.piece_size)
+        bank["templates"][spec.key] = std * jax.random.normal(k_templates, shape, dtype)
+        if spec.partial:
+            bank["partial"][spec.key] = std * jax.random.normal(k_partial, (spec.partial,), dtype)
+        rows = jax.nn.initializers.orthogonal()(
+            k_coefficients, (len(spec.groups), spec.num_templates), dtype
+        )
+        bank["coefficients"][spec.key] = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
+    return bank
+
+
+def template_matrix(spec: BankSpec, bank: dict) -> jax.Array:
+    """`[num_templates, L]`: whole templates, then the partial one padded with zeros."""
+    templates = bank["templates"][spec.key]
+    if not spec.partial:
+        return templates
+    padded = jnp.pad(bank["partial"][spec.key], (0, spec.piece_size - spec.partial))
+    return jnp.concatenate([templates, padded[None]], axis=0)
+
+
+def superweights(plan: Plan, bank: dict) -> dict[str, jax.Array]:
+    """`{bank key: [groups, L]}`: every coefficient row times its bank's templates."""
+    return {
+        spec.key: bank["coefficients"][spec.key] @ template_matrix(spec, bank)
+        for spec in plan.banks
+    }
+
+
+def grow(weight: jax.Array | None, level: Level, piece: jax.Array, spatial) -> jax.Array:
+    """Applies one level to the running weight `[*spatial, in, out]`.
+
+    Crops to the kept block, appends `add_in` input columns for the kept output
+    rows, then `add_out` output rows across the full new input width.
+    """
+    rows, cols = level.keep
+    if weight is None:
+        weight = jnp.zeros((*spatial, 0, 0), piece.dtype)
+    weight = weight[..., :cols, :rows]
+    split = math.prod(spatial) * level.add_in[0] * level.add_in[1]
+    if level.add_in[1]:
+        block = piece[:split].reshape(*spatial, level.add_in[1], level.add_in[0])
+        weight = jnp.concatenate([weight, block], axis=-2)
+    if level.add_out[0]:
+        block = piece[split:].reshape(*spatial, level.add_out[1], level.add_out[0])
+        weight = jnp.concatenate([weight, block], axis=-1)
+    return weight
+
+
+def compose(plan: Plan, bank: dict) -> dict[str, jax.Array]:
+    """`{layer id: kernel}` for every shared layer, with the model's shapes and dtypes."""
+    pieces = superweights(plan, bank)
+    weights = {}
+    for layer in plan.layers:
+        cluster = plan.cluster_of[layer.id]
+        weight = None
+        for w in range(cluster.level_of(layer) + 1):
+            row = plan.coefficient_row(layer.id, w)
+            piece = pieces[plan.bank[cluster.name, w].key][row]
+            weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
+        weights[layer.id] = weight.astype(layer.dtype)
+    return weights

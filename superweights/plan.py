@@ -1,0 +1,397 @@
+"""The Plan: clusters, size chains, pieces, coefficient keys and templates.
+
+A Plan is static (frozen, hashable) and round-trips through JSON, so it can be
+saved beside a checkpoint and used as a static argument of jitted functions.
+Geometry follows method.md section 3; allocation section 4; clusters section 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from superweights.budget import Allocation, BankDemand, Budget, BudgetError, allocate
+from superweights.specs import LayerSpec, ParamSpec
+
+Shape = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """What one level of a size chain adds to the running weight `[out, in]`.
+
+    The running weight is cropped to `keep`, then gains `add_in` (new input
+    columns for the kept rows) and `add_out` (new output rows over the full new
+    input width). Spatial dims (`spatial_size` entries) are carried along.
+    """
+
+    target: Shape
+    keep: Shape
+    add_in: Shape
+    add_out: Shape
+    cropped: int
+    spatial_size: int
+
+    @property
+    def piece_size(self) -> int:
+        """L: entries one template of this level holds."""
+        blocks = self.add_in[0] * self.add_in[1] + self.add_out[0] * self.add_out[1]
+        return self.spatial_size * blocks
+
+
+def size_chain(shapes: Iterable[Shape]) -> tuple[Shape, ...]:
+    """Distinct `(out, in)` shapes, smallest first (ties by out, then in)."""
+    return tuple(sorted(set(shapes), key=lambda s: (s[0] * s[1], s[0], s[1])))
+
+
+def chain_levels(chain: Sequence[Shape], spatial_size: int) -> tuple[Level, ...]:
+    """The level-by-level construction of every shape in `chain`."""
+    levels, (rows, cols) = [], (0, 0)
+    for out, inp in chain:
+        keep = (min(rows, out), min(cols, inp))
+        add_in = (keep[0], inp - cols) if inp > cols else (0, 0)
+        add_out = (out - rows, inp) if out > rows else (0, 0)
+        cropped = spatial_size * (rows * cols - keep[0] * keep[1])
+        levels.append(Level((out, inp), keep, add_in, add_out, cropped, spatial_size))
+        rows, cols = out, inp
+    return tuple(levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Layers (across members) that draw from the same banks.
+
+    Attributes:
+      name: e.g. `"c0"`.
+      spatial: kernel spatial dims shared by all its layers, e.g. `(3, 3)`.
+      layers: layer ids, in depth order of each member.
+      chain: the size chain of its distinct `(out, in)` shapes.
+    """
+
+    name: str
+    spatial: tuple[int, ...]
+    layers: tuple[str, ...]
+    chain: tuple[Shape, ...]
+
+    @functools.cached_property
+    def levels(self) -> tuple[Level, ...]:
+        return chain_levels(self.chain, math.prod(self.spatial))
+
+    def level_of(self, layer: LayerSpec) -> int:
+        return self.chain.index(layer.matrix)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankSpec:
+    """Templates of one (cluster, level) and the coefficient vectors over them.
+
+    Attributes:
+      cluster: cluster name.
+      level: level in the cluster's size chain.
+      piece_size: L, entries of one template.
+      templates: number of whole templates.
+      partial: entries of one extra partial template (0 = none).
+      groups: coefficient-vector names over this bank, one row each.
+      users: number of layers reading the bank.
+      fan_in: fan-in of the level's target shape (sets the init scale).
+    """
+
+    cluster: str
+    level: int
+    piece_size: int
+    templates: int
+    partial: int
+    groups: tuple[str, ...]
+    users: int
+    fan_in: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}_l{self.level}"
+
+    @property
+    def num_templates(self) -> int:
+        """Rows of the template matrix, partial template included."""
+        return self.templates + (self.partial > 0)
+
+    @property
+    def template_params(self) -> int:
+        return self.templates * self.piece_size + self.partial
+
+    @property
+    def coefficient_params(self) -> int:
+        return len(self.groups) * self.num_templates
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about a budgeted model.
+
+    Attributes:
+      layers: every shared layer of every member.
+      unshared: every per-member parameter (norms, biases, heads, ...).
+      clusters: the sharing clusters.
+      coefficients: `(layer id, group name per level 0..r)` for every layer;
+        layers with the same group at a level share that coefficient vector.
+      banks: one per (cluster, level), with its allocated templates.
+      budget: the budget the plan was made for.
+      budget_params: that budget in parameters.
+      leftover: parameters of the budget left unspent.
+      paper_templates: templates per bank by the paper's rule alone.
+    """
+
+    layers: tuple[LayerSpec, ...]
+    unshared: tuple[ParamSpec, ...]
+    clusters: tuple[Cluster, ...]
+    coefficients: tuple[tuple[str, tuple[str, ...]], ...]
+    banks: tuple[BankSpec, ...]
+    budget: Budget
+    budget_params: int
+    leftover: int
+    paper_templates: tuple[int, ...]
+
+    @functools.cached_property
+    def members(self) -> tuple[str, ...]:
+        names = [layer.member for layer in self.layers] + [p.member for p in self.unshared]
+        return tuple(dict.fromkeys(names))
+
+    @functools.cached_property
+    def layer(self) -> dict[str, LayerSpec]:
+        return {layer.id: layer for layer in self.layers}
+
+    @functools.cached_property
+    def cluster_of(self) -> dict[str, Cluster]:
+        return {layer_id: c for c in self.clusters for layer_id in c.layers}
+
+    @functools.cached_property
+    def bank(self) -> dict[tuple[str, int], BankSpec]:
+        return {(b.cluster, b.level): b for b in self.banks}
+
+    @functools.cached_property
+    def groups_of(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.coefficients)
+
+    def coefficient_row(self, layer_id: str, level: int) -> int:
+        """Row of the (cluster, level) coefficient matrix that `layer_id` uses."""
+        bank = self.bank[self.cluster_of[layer_id].name, level]
+        return bank.groups.index(self.groups_of[layer_id][level])
+
+    @property
+    def template_params(self) -> int:
+        return sum(b.template_params for b in self.banks)
+
+    @property
+    def coefficient_params(self) -> int:
+        return sum(b.coefficient_params for b in self.banks)
+
+    @property
+    def unshared_params(self) -> int:
+        return sum(p.size for p in self.unshared)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.template_params + self.coefficient_params + self.unshared_params
+
+    @property
+    def dense_params(self) -> int:
+        """Trainable parameters of the members with no sharing at all."""
+        return sum(layer.size for layer in self.layers) + self.unshared_params
+
+    @property
+    def spent(self) -> int:
+        """Parameters counted against the budget in its scope."""
+        if self.budget.scope == "banks":
+            return self.template_params
+        return self.trainable_params
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        raw = json.loads(text)
+        return cls(
+            layers=tuple(LayerSpec(**_tuples(x)) for x in raw["layers"]),
+            unshared=tuple(ParamSpec(**_tuples(x)) for x in raw["unshared"]),
+            clusters=tuple(
+                Cluster(c["name"], tuple(c["spatial"]), tuple(c["layers"]), _shapes(c["chain"]))
+                for c in raw["clusters"]
+            ),
+            coefficients=tuple((i, tuple(g)) for i, g in raw["coefficients"]),
+            banks=tuple(BankSpec(**_tuples(b)) for b in raw["banks"]),
+            budget=Budget(**raw["budget"]),
+            budget_params=raw["budget_params"],
+            leftover=raw["leftover"],
+            paper_templates=tuple(raw["paper_templates"]),
+        )
+
+
+def _tuples(record: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def _shapes(chain: list) -> tuple[Shape, ...]:
+    return tuple((int(o), int(i)) for o, i in chain)
+
+
+def _proportional_bins(counts: Mapping[tuple[int, ...], int], bins: int) -> dict:
+    """Splits `bins` over kernel kinds by their share of layers, at least 1 each."""
+    total = sum(counts.values())
+    quotas = {kind: bins * n / total for kind, n in counts.items()}
+    given = {kind: max(1, int(q)) for kind, q in quotas.items()}
+    by_remainder = sorted(counts, key=lambda kind: quotas[kind] - int(quotas[kind]), reverse=True)
+    for kind in by_remainder:
+        if sum(given.values()) >= bins:
+            break
+        given[kind] += 1
+    return {kind: min(n, counts[kind]) for kind, n in given.items()}
+
+
+def largest_member(layers: Sequence[LayerSpec]) -> str:
+    """The member with the most shared parameters (first one on ties)."""
+    sizes: dict[str, int] = {}
+    for layer in layers:
+        sizes[layer.member] = sizes.get(layer.member, 0) + layer.size
+    return max(sizes, key=sizes.get)
+
+
+def initial_clusters(layers: Sequence[LayerSpec], bins: int = 4) -> tuple[Cluster, ...]:
+    """Kernel-size separation, then contiguous depth bins (method.md section 5).
+
+    The largest member's layers of each kernel kind are split into a number of
+    bins proportional to that kind's share of its layers (at least one); every
+    other member splits its own layers of that kind into as many bins, so that
+    layers at the same relative depth land in the same cluster.
+    """
+    if not layers:
+        raise ValueError(
+            "no shared layers: the model has no convolution kernels; "
+            "pass share_dense=True to share dense kernels too"
+        )
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    leader = largest_member(layers)
+    kinds: dict[tuple[int, ...], int] = {}
+    for layer in layers:
+        if layer.member == leader:
+            kinds[layer.spatial] = kinds.get(layer.spatial, 0) + 1
+    bins_per_kind = _proportional_bins(kinds, bins)
+    members = list(dict.fromkeys(layer.member for layer in layers))
+    strays = sorted({layer.spatial for layer in layers} - set(kinds))
+    bins_per_kind.update({kind: 1 for kind in strays})
+
+    clusters = []
+    for kind, n_bins in bins_per_kind.items():
+        binned: list[list[LayerSpec]] = [[] for _ in range(n_bins)]
+        for member in members:
+            own = [x for x in layers if x.member == member and x.spatial == kind]
+            for index, chunk in enumerate(np.array_split(np.arange(len(own)), n_bins)):
+                binned[index].extend(own[i] for i in chunk)
+        for chunk in binned:
+            if chunk:
+                clusters.append(make_cluster(f"c{len(clusters)}", chunk))
+    return tuple(clusters)
+
+
+def make_cluster(name: str, layers: Sequence[LayerSpec]) -> Cluster:
+    """A cluster of `layers`, which must share their spatial kernel dims."""
+    spatial = {layer.spatial for layer in layers}
+    if len(spatial) != 1:
+        raise ValueError(f"cluster {name} mixes kernel sizes {sorted(spatial)}")
+    chain = size_chain(layer.matrix for layer in layers)
+    return Cluster(name, spatial.pop(), tuple(x.id for x in layers), chain)
+
+
+def own_coefficients(clusters: Sequence[Cluster], layers: Sequence[LayerSpec]):
+    """Every layer owns its coefficients at every level."""
+    by_id = {layer.id: layer for layer in layers}
+    return tuple((i, (i,) * (c.level_of(by_id[i]) + 1)) for c in clusters for i in c.layers)
+
+
+def cluster_coefficients(clusters: Sequence[Cluster], layers: Sequence[LayerSpec]):
+    """One coefficient vector per (cluster, level), shared by all its layers."""
+    by_id = {layer.id: layer for layer in layers}
+    return tuple((i, (c.name,) * (c.level_of(by_id[i]) + 1)) for c in clusters for i in c.layers)
+
+
+def bank_layout(
+    clusters: Sequence[Cluster],
+    layers: Sequence[LayerSpec],
+    coefficients: Sequence[tuple[str, tuple[str, ...]]],
+) -> list[BankSpec]:
+    """One bank per (cluster, level) with one template each: the allocation's input."""
+    by_id = {layer.id: layer for layer in layers}
+    groups_of = dict(coefficients)
+    missing = [i for c in clusters for i in c.layers if i not in groups_of]
+    if missing:
+        raise ValueError(f"no coefficient groups given for layers {missing[:5]}")
+    banks = []
+    for cluster in clusters:
+        for w, level in enumerate(cluster.levels):
+            users = [i for i in cluster.layers if cluster.level_of(by_id[i]) >= w]
+            groups = tuple(dict.fromkeys(groups_of[i][w] for i in users))
+            fan_in = math.prod(cluster.spatial) * level.target[1]
+            banks.append(
+                BankSpec(cluster.name, w, level.piece_size, 1, 0, groups, len(users), fan_in)
+            )
+    return banks
+
+
+def make_plan(
+    layers: Sequence[LayerSpec],
+    unshared: Sequence[ParamSpec],
+    clusters: Sequence[Cluster],
+    coefficients: Sequence[tuple[str, tuple[str, ...]]],
+    budget: Budget,
+    *,
+    cap: int = 8,
+    passes: int = 7,
+    fill: bool = True,
+) -> Plan:
+    """Allocates templates for `clusters` under `budget` and returns the Plan.
+
+    Raises:
+      BudgetError: when the budget is below the minimum feasible one; the
+        message states that minimum.
+    """
+    clustered = [i for c in clusters for i in c.layers]
+    if sorted(clustered) != sorted(layer.id for layer in layers):
+        raise ValueError("clusters must hold every shared layer exactly once")
+    banks = bank_layout(clusters, layers, coefficients)
+    model_scope = budget.scope == "model"
+    fixed = sum(p.size for p in unshared) if model_scope else 0
+    reference = sum(layer.size for layer in layers) + fixed
+    budget_params = budget.resolve(reference)
+    demands = [BankDemand(b.piece_size, b.users, len(b.groups)) for b in banks]
+    allocation: Allocation = allocate(
+        demands,
+        budget_params,
+        fixed=fixed,
+        count_coefficients=model_scope,
+        cap=cap,
+        passes=passes,
+        fill=fill,
+    )
+    banks = [
+        dataclasses.replace(b, templates=k, partial=m)
+        for b, k, m in zip(banks, allocation.templates, allocation.partial, strict=True)
+    ]
+    plan = Plan(
+        layers=tuple(layers),
+        unshared=tuple(unshared),
+        clusters=tuple(clusters),
+        coefficients=tuple(coefficients),
+        banks=tuple(banks),
+        budget=budget,
+        budget_params=budget_params,
+        leftover=allocation.leftover,
+        paper_templates=allocation.paper_templates,
+    )
+    if plan.spent > budget_params:
+        raise BudgetError(f"internal error: plan spends {plan.spent:,} > {budget_params:,}")
+    return plan
