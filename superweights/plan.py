@@ -203,6 +203,14 @@ class Plan:
         return sum(layer.size for layer in self.layers) + self.unshared_params
 
     @property
+    def minimum_budget(self) -> int:
+        """The smallest feasible budget for these clusters, in the budget's scope."""
+        model_scope = self.budget.scope == "model"
+        return (self.unshared_params if model_scope else 0) + sum(
+            b.piece_size + len(b.groups) * model_scope for b in self.banks
+        )
+
+    @property
     def spent(self) -> int:
         """Parameters counted against the budget in its scope."""
         if self.budget.scope == "banks":

@@ -14,6 +14,7 @@ def budget_summary(plan: Plan) -> dict:
         "budget": plan.budget.describe(),
         "budget_params": plan.budget_params,
         "scope": plan.budget.scope,
+        "minimum_budget": plan.minimum_budget,
         "spent": plan.spent,
         "leftover": plan.leftover,
         "utilisation": plan.spent / plan.budget_params,
@@ -94,7 +95,8 @@ def budget_report(plan: Plan) -> str:
         + totals
         + f"\n\nBudget {summary['budget']}: {summary['budget_params']:,}; "
         f"spent {summary['spent']:,} ({summary['utilisation']:.2%}), "
-        f"left over {summary['leftover']:,}.\n"
+        f"left over {summary['leftover']:,}; the smallest feasible budget is "
+        f"{summary['minimum_budget']:,}.\n"
         f"Trainable parameters are {summary['fraction_of_dense_model']:.2%} of the dense model's; "
         f"{summary['cropped_entries']:,} composed entries are cropped away."
     )

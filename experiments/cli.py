@@ -1,0 +1,227 @@
+"""Command line: `npas train` trains a budgeted model, `npas report` shows its budget.
+
+npas train                                   # WRN on the embedded digits, 25% budget
+npas train --arch wrn-28-10 --dataset cifar100 --data-dir ~/data --budget 10%
+npas report --arch wrn-28-10 --num-classes 100 --image-shape 32,32,3 --budget 5M
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import archs
+from experiments import augment
+from experiments.data import DATASET_NAMES, load_dataset, subset
+from experiments.models import build_budgeted, build_dense, create_members
+from experiments.train import LoopConfig, OptimConfig, train
+from superweights import Budget, BudgetError
+
+DEFAULT_AUGMENTATION = {
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "mnist": "mnist",
+    "fashion_mnist": "mnist",
+    "digits": "digits",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run, as the command line describes it."""
+
+    arch: str = "wrn-16-2"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    budget: str = "25%"
+    scope: str = "banks"
+    bins: int = 4
+    share_dense: bool = False
+    dense: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    augmentation: str = "auto"
+    output_dir: str | None = None
+    loop: LoopConfig = LoopConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch", default=RunConfig.arch, help=f"model name ({', '.join(archs.available())})"
+    )
+    parser.add_argument(
+        "--budget",
+        default=RunConfig.budget,
+        help="fraction (0.1), percentage (10%%) or count (250k, 1.5M)",
+    )
+    parser.add_argument(
+        "--scope",
+        default=RunConfig.scope,
+        choices=("banks", "model"),
+        help="count shared banks only (the paper) or every trainable param",
+    )
+    parser.add_argument(
+        "--bins", type=int, default=RunConfig.bins, help="depth bins of the initial clusters"
+    )
+    parser.add_argument("--share-dense", action="store_true", help="share dense kernels too")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="npas", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("train", help="train a budgeted model and report test accuracy")
+    _add_model_args(run)
+    run.add_argument("--dataset", default=RunConfig.dataset, choices=DATASET_NAMES)
+    run.add_argument("--data-dir", default=None, help="directory holding the data set's files")
+    run.add_argument("--dense", action="store_true", help="train the full model, no sharing")
+    run.add_argument("--epochs", type=int, default=LoopConfig.epochs)
+    run.add_argument("--batch-size", type=int, default=LoopConfig.batch_size)
+    run.add_argument("--lr", type=float, default=OptimConfig.learning_rate)
+    run.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
+    run.add_argument("--augment", default="auto", choices=("auto", *augment.PRESETS))
+    run.add_argument("--train-size", type=int, default=None, help="use the first N train images")
+    run.add_argument("--test-size", type=int, default=None, help="use the first N test images")
+    run.add_argument("--eval-every", type=int, default=0, help="test every N epochs (0: at end)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output-dir", default=None, help="write plan, metrics and summary here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    report = commands.add_parser("report", help="print the budget report of a model, no training")
+    _add_model_args(report)
+    report.add_argument("--num-classes", type=int, default=10)
+    report.add_argument("--image-shape", default="32,32,3", help="height,width,channels")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    for name in ("epochs", "batch_size", "bins"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    return RunConfig(
+        arch=args.arch,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        budget=args.budget,
+        scope=args.scope,
+        bins=args.bins,
+        share_dense=args.share_dense,
+        dense=args.dense,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        augmentation=args.augment,
+        output_dir=args.output_dir,
+        loop=LoopConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            eval_every=args.eval_every,
+        ),
+        optim=dataclasses.replace(
+            OptimConfig(), learning_rate=args.lr, weight_decay=args.weight_decay
+        ),
+    )
+
+
+def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict:
+    """Trains the configured model; returns the summary it prints and saves."""
+    budget = Budget.parse(config.budget, config.scope)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    if config.train_size or config.test_size:
+        dataset = subset(dataset, config.train_size, config.test_size)
+    height, width, channels = dataset.image_shape
+    modules = create_members(
+        [config.arch], num_classes=dataset.num_classes, in_channels=channels, seed=config.loop.seed
+    )
+    sample = jnp.zeros((1, height, width, channels), jnp.float32)
+    if config.dense:
+        model = build_dense(modules)
+        params = model.trainable_params
+        log(f"{config.arch} (dense, no sharing): {params:,} trainable parameters")
+    else:
+        model = build_budgeted(
+            modules, budget, sample, bins=config.bins, share_dense=config.share_dense
+        )
+        params = model.plan.trainable_params
+        log(f"{config.arch} at budget {budget.describe()}\n{model.report()}\n")
+    name = config.augmentation
+    if name == "auto":
+        name = DEFAULT_AUGMENTATION[dataset.name]
+    loop = dataclasses.replace(config.loop, augmentation=augment.preset(name))
+
+    out = Path(config.output_dir) if config.output_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+        if not config.dense:
+            (out / "plan.json").write_text(model.plan.to_json())
+            (out / "report.txt").write_text(model.report() + "\n")
+
+    def on_epoch(metrics: dict) -> None:
+        if out:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    log(
+        f"training on {dataset.name}: {len(dataset.train_images):,} train / "
+        f"{len(dataset.test_images):,} test images, {config.loop.epochs} epochs, "
+        f"{jax.device_count()} {jax.default_backend()} device(s)"
+    )
+    _, metrics = train(model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch)
+    summary = {
+        "arch": config.arch,
+        "dataset": dataset.name,
+        "dense": config.dense,
+        "budget": None if config.dense else budget.describe(),
+        "trainable_params": params,
+        **metrics,
+    }
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(
+        f"final test accuracy: {metrics['test_accuracy']:.2%} "
+        f"(train loss {metrics['train_loss']:.4f}, {metrics['time']:.1f}s)"
+    )
+    return summary
+
+
+def run_report(args: argparse.Namespace, log=print) -> None:
+    shape = tuple(int(x) for x in args.image_shape.split(","))
+    if len(shape) != 3:
+        raise ValueError("--image-shape takes height,width,channels, e.g. 32,32,3")
+    modules = create_members(
+        [args.arch], num_classes=args.num_classes, in_channels=shape[2], seed=0
+    )
+    sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    model = build_budgeted(
+        modules,
+        Budget.parse(args.budget, args.scope),
+        sample,
+        bins=args.bins,
+        share_dense=args.share_dense,
+    )
+    log(f"{args.arch} at budget {model.plan.budget.describe()}\n{model.report()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "report":
+            run_report(args)
+        else:
+            run_training(config_from_args(args), progress=not args.quiet)
+    except (BudgetError, ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"npas: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Building the models a run trains: budgeted ones and their dense baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import archs
+import superweights
+from superweights import Budget, BudgetedModel, Member, SharingRule, nnx_member
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenseModel:
+    """Members with their own full weights: the unshared baseline.
+
+    Same interface as `superweights.BudgetedModel`; params are `{member: params}`.
+    """
+
+    members: tuple[Member, ...]
+
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        del key  # the members carry their own initial values
+        params = {m.name: jax.tree_util.tree_map(jnp.asarray, m.params) for m in self.members}
+        return params, {m.name: m.state for m in self.members}
+
+    def apply(self, params, state, x, train=False):
+        logits, new_state = {}, {}
+        for m in self.members:
+            logits[m.name], new_state[m.name] = m.apply_fn(params[m.name], state[m.name], x, train)
+        return logits, new_state
+
+    def weight_decay_mask(self, params):
+        return jax.tree_util.tree_map(lambda _: True, params)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(x.size for m in self.members for x in jax.tree_util.tree_leaves(m.params))
+
+
+def create_members(
+    names: list[str], *, num_classes: int, in_channels: int, seed: int, **kwargs
+) -> dict[str, nnx.Module]:
+    """`{name: module}` from the registry; each member gets its own init seed."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"member names must be unique, got {names}")
+    return {
+        name: archs.create(
+            name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            rngs=nnx.Rngs(seed + i),
+            **kwargs,
+        )
+        for i, name in enumerate(names)
+    }
+
+
+def build_budgeted(
+    modules: dict[str, nnx.Module],
+    budget: Budget,
+    sample_input: jax.Array,
+    *,
+    bins: int = 4,
+    share_dense: bool = False,
+) -> BudgetedModel:
+    rule = SharingRule(share_dense=share_dense)
+    return superweights.budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
+
+
+def build_dense(modules: dict[str, nnx.Module]) -> DenseModel:
+    return DenseModel(tuple(nnx_member(name, module) for name, module in modules.items()))

@@ -1,0 +1,211 @@
+"""Training and evaluation of budgeted (or dense) models, jit-compiled end to end.
+
+A model here is anything with `init(key) -> (params, state)`,
+`apply(params, state, x, train) -> ({member: logits}, state)` and
+`weight_decay_mask(params)`: a `superweights.BudgetedModel` or a `DenseModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from experiments import augment as augmentation
+from experiments.data import Dataset, batches, steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The paper's CIFAR recipe (method.md section 9), scaled to any run length.
+
+    Attributes:
+      learning_rate: initial learning rate.
+      momentum: Nesterov momentum.
+      weight_decay: L2 added to the gradient of every param but coefficients.
+      milestones: fractions of training at which the rate is multiplied by
+        `decay` (the paper's epochs 60, 120, 160 of 200).
+      decay: the factor at each milestone.
+    """
+
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    decay: float = 0.2
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training."""
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    boundaries = {max(1, round(f * total_steps)): config.decay for f in config.milestones}
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def make_optimizer(config: OptimConfig, total_steps: int, mask) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum, step schedule, weight decay where `mask` is True."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=mask),
+        optax.sgd(learning_rate_schedule(config, total_steps), config.momentum, nesterov=True),
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; `logits [batch, classes]`, integer `labels [batch]`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model, optimizer, augment: augmentation.Augmentation) -> Callable:
+    """`step(state, images, labels) -> (state, metrics)`, jit-compiled.
+
+    The loss is the sum over members of their cross-entropies (one member: its own).
+    """
+
+    def loss_fn(params, model_state, images, labels):
+        logits, new_state = model.apply(params, model_state, images, train=True)
+        losses = {name: cross_entropy(out, labels) for name, out in logits.items()}
+        return sum(losses.values()), (new_state, losses)
+
+    @jax.jit
+    def step(state: TrainState, images, labels):
+        key, augment_key = jax.random.split(state.key)
+        images = augmentation.augment(augment_key, images, augment)
+        (loss, (model_state, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, images, labels
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **{f"loss/{k}": v for k, v in losses.items()}}
+        return TrainState(state.step + 1, params, model_state, opt_state, key), metrics
+
+    return step
+
+
+def make_eval_step(model) -> Callable:
+    """`eval_step(params, state, images) -> {member: logits}`, jit-compiled."""
+
+    @jax.jit
+    def eval_step(params, model_state, images):
+        return model.apply(params, model_state, images, train=False)[0]
+
+    return eval_step
+
+
+def predict(eval_step, params, model_state, images: np.ndarray, batch_size: int) -> dict:
+    """`{member: logits [n, classes]}` over all `images`, the last batch padded."""
+    outputs: dict[str, list] = {}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]))])
+        for name, logits in eval_step(params, model_state, padded.astype(chunk.dtype)).items():
+            outputs.setdefault(name, []).append(np.asarray(logits[: len(chunk)]))
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def classification_metrics(logits: dict[str, np.ndarray], labels: np.ndarray) -> dict:
+    """Accuracy and NLL per member and, with several members, of their mean softmax."""
+    metrics = {}
+    probabilities = {n: np.asarray(jax.nn.softmax(jnp.asarray(x))) for n, x in logits.items()}
+    if len(probabilities) > 1:
+        probabilities["ensemble"] = np.mean(list(probabilities.values()), axis=0)
+    for name, p in probabilities.items():
+        metrics[f"accuracy/{name}"] = float(np.mean(p.argmax(-1) == labels))
+        nll = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))
+        metrics[f"nll/{name}"] = float(nll.mean())
+    key = "ensemble" if len(logits) > 1 else next(iter(logits))
+    metrics["accuracy"] = metrics[f"accuracy/{key}"]
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Length and batching of a run."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    eval_every: int = 0
+    seed: int = 0
+    augmentation: augmentation.Augmentation = augmentation.Augmentation()
+
+
+def train(
+    model,
+    dataset: Dataset,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[TrainState, dict]:
+    """Trains `model` on `dataset` and returns the final state and test metrics.
+
+    `on_epoch(metrics)` is called after every epoch with that epoch's mean train
+    loss, wall time and, every `eval_every` epochs and at the end, test metrics.
+    """
+    if loop.batch_size > len(dataset.train_images):
+        raise ValueError(
+            f"batch size {loop.batch_size} exceeds the {len(dataset.train_images)} training "
+            "examples; lower --batch-size"
+        )
+    steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
+    total_steps = steps * loop.epochs
+    init_key, train_key = jax.random.split(jax.random.key(loop.seed))
+    params, model_state = model.init(init_key)
+    optimizer = make_optimizer(optim, total_steps, model.weight_decay_mask(params))
+    state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
+    train_step = make_train_step(model, optimizer, loop.augmentation)
+    eval_step = make_eval_step(model)
+    order = np.random.default_rng(loop.seed)
+
+    def evaluate(state: TrainState) -> dict:
+        logits = predict(
+            eval_step, state.params, state.model_state, dataset.test_images, loop.eval_batch_size
+        )
+        return classification_metrics(logits, dataset.test_labels)
+
+    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True)
+    metrics: dict = {}
+    start = time.perf_counter()
+    for epoch in range(1, loop.epochs + 1):
+        losses = []
+        for images, labels in batches(
+            dataset.train_images,
+            dataset.train_labels,
+            loop.batch_size,
+            rng=order,
+            drop_remainder=True,
+        ):
+            state, step_metrics = train_step(state, images, labels)
+            losses.append(step_metrics["loss"])
+            bar.update()
+        epoch_loss = float(np.mean(jax.device_get(losses)))
+        if not math.isfinite(epoch_loss):
+            bar.close()
+            raise FloatingPointError(
+                f"training loss became {epoch_loss} in epoch {epoch}; lower the learning rate"
+            )
+        metrics = {"epoch": epoch, "train_loss": epoch_loss, "time": time.perf_counter() - start}
+        if epoch == loop.epochs or (loop.eval_every and epoch % loop.eval_every == 0):
+            metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
+        bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
+        if on_epoch:
+            on_epoch(metrics)
+    bar.close()
+    return state, metrics
