@@ -1,0 +1,81 @@
+"""Pre-activation Wide ResNet for CIFAR-sized images (Zagoruyko & Komodakis, 2016)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from archs.layers import batch_norm, conv
+
+
+class PreActBlock(nnx.Module):
+    """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
+        self.bn1 = batch_norm(in_channels, rngs)
+        self.conv1 = conv(in_channels, out_channels, 3, stride, rngs)
+        self.bn2 = batch_norm(out_channels, rngs)
+        self.conv2 = conv(out_channels, out_channels, 3, 1, rngs)
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = conv(in_channels, out_channels, 1, stride, rngs)
+        else:
+            self.shortcut = None
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[b, h, w, in_channels] -> [b, h / stride, w / stride, out_channels]."""
+        out = nnx.relu(self.bn1(x, use_running_average=not train))
+        residual = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = nnx.relu(self.bn2(out, use_running_average=not train))
+        return self.conv2(out) + residual
+
+
+class WideResNet(nnx.Module):
+    """WRN-depth-width: a 3x3 stem, 3 stages of (depth - 4) / 6 pre-activation blocks, and a head.
+
+    Stage widths are 16k, 32k, 64k with strides 1, 2, 2; convs use Kaiming-normal (fan_out) init.
+    Input [b, h, w, in_channels], output logits [b, num_classes].
+    """
+
+    def __init__(
+        self,
+        depth: int = 28,
+        width: int = 10,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(
+                f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 34, 40, ...); "
+                f"got {depth}."
+            )
+        if width < 1:
+            raise ValueError(f"WideResNet width factor must be >= 1; got {width}.")
+        blocks_per_stage = (depth - 4) // 6
+        widths = (16 * width, 32 * width, 64 * width)
+
+        self.stem = conv(in_channels, 16, 3, 1, rngs)
+        stages = []
+        channels = 16
+        for stage_width, stride in zip(widths, (1, 2, 2), strict=True):
+            blocks = []
+            for i in range(blocks_per_stage):
+                block_stride = stride if i == 0 else 1
+                blocks.append(PreActBlock(channels, stage_width, block_stride, rngs=rngs))
+                channels = stage_width
+            stages.append(nnx.List(blocks))
+        self.stages = nnx.List(stages)
+        self.final_bn = batch_norm(channels, rngs)
+        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[b, h, w, in_channels] -> [b, num_classes]."""
+        x = self.stem(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, train=train)
+        x = nnx.relu(self.final_bn(x, use_running_average=not train))
+        return self.head(jnp.mean(x, axis=(1, 2)))
