@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import archs
 from experiments import augment
@@ -196,8 +197,10 @@ def run_report(args: argparse.Namespace, log=print) -> None:
     shape = tuple(int(x) for x in args.image_shape.split(","))
     if len(shape) != 3:
         raise ValueError("--image-shape takes height,width,channels, e.g. 32,32,3")
-    modules = create_members(
-        [args.arch], num_classes=args.num_classes, in_channels=shape[2], seed=0
+    modules = nnx.eval_shape(  # shapes only: no memory spent on weights
+        lambda: create_members(
+            [args.arch], num_classes=args.num_classes, in_channels=shape[2], seed=0
+        )
     )
     sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     model = build_budgeted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 SCOPES = ("banks", "model")
@@ -34,10 +35,12 @@ class Budget:
             raise BudgetError("give a budget as exactly one of params=N or fraction=F")
         if self.scope not in SCOPES:
             raise BudgetError(f"unknown budget scope {self.scope!r}; choose one of {SCOPES}")
-        if self.params is not None and (int(self.params) != self.params or self.params <= 0):
+        if self.params is not None and not (
+            math.isfinite(self.params) and int(self.params) == self.params and self.params > 0
+        ):
             raise BudgetError(f"params must be a positive whole number, got {self.params}")
-        if self.fraction is not None and self.fraction <= 0:
-            raise BudgetError(f"fraction must be positive, got {self.fraction}")
+        if self.fraction is not None and not (math.isfinite(self.fraction) and self.fraction > 0):
+            raise BudgetError(f"fraction must be positive and finite, got {self.fraction}")
 
     def resolve(self, reference: int) -> int:
         """Budget in parameters, given the full model's size in this scope."""
@@ -53,14 +56,21 @@ class Budget:
     def parse(cls, text: str, scope: str = "banks") -> Budget:
         """`"10%"` or `"0.1"` -> a fraction; `"250000"` or `"250k"`, `"1.5M"` -> a count."""
         cleaned = text.strip().lower().replace(",", "").replace("_", "")
+
+        def number(digits: str) -> float:
+            value = float(digits)
+            if not math.isfinite(value):
+                raise ValueError(f"not a finite number: {digits!r}")
+            return value
+
         try:
             if cleaned.endswith("%"):
-                return cls(fraction=float(cleaned[:-1]) / 100, scope=scope)
+                return cls(fraction=number(cleaned[:-1]) / 100, scope=scope)
             for suffix, factor in (("k", 1e3), ("m", 1e6), ("g", 1e9)):
                 if cleaned.endswith(suffix):
-                    return cls(params=round(float(cleaned[:-1]) * factor), scope=scope)
-            value = float(cleaned)
-        except ValueError as error:
+                    return cls(params=round(number(cleaned[:-1]) * factor), scope=scope)
+            value = number(cleaned)
+        except (ValueError, OverflowError) as error:
             raise BudgetError(
                 f"cannot read budget {text!r}: use a fraction (0.1), a percentage (10%) "
                 "or a parameter count (250000, 250k, 1.5M)"

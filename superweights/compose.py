@@ -36,10 +36,11 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32) -> dict:
         bank["templates"][spec.key] = std * jax.random.normal(k_templates, shape, dtype)
         if spec.partial:
             bank["partial"][spec.key] = std * jax.random.normal(k_partial, (spec.partial,), dtype)
-        rows = jax.nn.initializers.orthogonal()(
-            k_coefficients, (len(spec.groups), spec.num_templates), dtype
+        rows = jax.nn.initializers.orthogonal()(  # in float32: QR has no half-precision kernel
+            k_coefficients, (len(spec.groups), spec.num_templates), jnp.float32
         )
-        bank["coefficients"][spec.key] = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
+        rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
+        bank["coefficients"][spec.key] = rows.astype(dtype)
     return bank
 
 

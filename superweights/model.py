@@ -12,6 +12,7 @@ by `compose` and handed to the model's ordinary apply.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -116,18 +117,26 @@ class BudgetedModel:
 
     def __post_init__(self):
         names = [m.name for m in self.members]
-        if names != list(self.plan.members):
+        if sorted(names) != sorted(self.plan.members):
             raise ValueError(f"members {names} do not match the plan's {list(self.plan.members)}")
         for member in self.members:
             flat = tree.flatten(member.params)
-            for layer in self.plan.layers:
-                if layer.member == member.name:
-                    shape = tuple(flat[layer.path].shape) if layer.path in flat else None
-                    if shape != layer.shape:
-                        raise ValueError(
-                            f"layer {layer.id} has shape {shape} in the model but "
-                            f"{layer.shape} in the plan; the plan belongs to another model"
-                        )
+            planned = [
+                x for x in (*self.plan.layers, *self.plan.unshared) if x.member == member.name
+            ]
+            for spec in planned:
+                shape = tuple(flat[spec.path].shape) if spec.path in flat else None
+                if shape != spec.shape:
+                    raise ValueError(
+                        f"param {member.name}:{spec.path} has shape {shape} in the model but "
+                        f"{spec.shape} in the plan; the plan belongs to another model"
+                    )
+            extra = sorted(set(flat) - {spec.path for spec in planned})
+            if extra:
+                raise ValueError(
+                    f"params {extra[:5]} of member {member.name!r} are not in the plan; "
+                    "the plan belongs to another model"
+                )
 
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         """Fresh bank, the members' own initial unshared params, their initial state."""
@@ -136,7 +145,8 @@ class BudgetedModel:
             flat = tree.flatten(member.params)
             own = [p.path for p in self.plan.unshared if p.member == member.name]
             unshared[member.name] = {path: jnp.asarray(flat[path]) for path in own}
-        params = {"bank": init_bank(self.plan, key), "unshared": unshared}
+        bank = jax.jit(functools.partial(init_bank, self.plan))(key)
+        params = {"bank": bank, "unshared": unshared}
         return params, {m.name: m.state for m in self.members}
 
     def member_params(self, params: dict) -> dict[str, Any]:
@@ -200,7 +210,9 @@ def layer_specs(members, sample_input, rule: SharingRule):
     for member in members:
         x = jax.ShapeDtypeStruct(np.shape(sample_input), jnp.result_type(sample_input))
         order = forward_order(
-            lambda p, x, m=member: m.apply_fn(p, m.state, x, False)[0], member.params, x
+            lambda p, inputs, m=member: m.apply_fn(p, inputs[1], inputs[0], False)[0],
+            member.params,
+            (x, member.state),
         )
         shared, own = split_params(member.name, member.params, order, rule)
         layers += shared

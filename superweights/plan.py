@@ -15,7 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from superweights.budget import Allocation, BankDemand, Budget, BudgetError, allocate
+from superweights.budget import (
+    Allocation,
+    BankDemand,
+    Budget,
+    BudgetError,
+    allocate,
+    minimum_budget,
+)
 from superweights.specs import LayerSpec, ParamSpec
 
 Shape = tuple[int, int]
@@ -376,15 +383,22 @@ def make_plan(
     reference = sum(layer.size for layer in layers) + fixed
     budget_params = budget.resolve(reference)
     demands = [BankDemand(b.piece_size, b.users, len(b.groups)) for b in banks]
-    allocation: Allocation = allocate(
-        demands,
-        budget_params,
-        fixed=fixed,
-        count_coefficients=model_scope,
-        cap=cap,
-        passes=passes,
-        fill=fill,
-    )
+    try:
+        allocation: Allocation = allocate(
+            demands,
+            budget_params,
+            fixed=fixed,
+            count_coefficients=model_scope,
+            cap=cap,
+            passes=passes,
+            fill=fill,
+        )
+    except BudgetError as error:
+        minimum = minimum_budget(demands, fixed, model_scope)
+        raise BudgetError(
+            f"{error} (the minimum is {minimum / reference:.2%} of the model's {reference:,} "
+            f"parameters in {budget.scope} scope)"
+        ) from None
     banks = [
         dataclasses.replace(b, templates=k, partial=m)
         for b, k, m in zip(banks, allocation.templates, allocation.partial, strict=True)

@@ -74,7 +74,8 @@ class ParamSpec:
         parts = self.path.split(".")
         if "head" in parts:
             return "head"
-        if parts[-1] in ("scale", "bias") and any("norm" in p or "bn" in p.lower() for p in parts):
+        lowered = [p.lower() for p in parts]
+        if parts[-1] in ("scale", "bias") and any("norm" in p or "bn" in p for p in lowered):
             return "norm"
         if parts[-1] == "bias":
             return "bias"

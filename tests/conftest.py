@@ -1,0 +1,84 @@
+"""Shared tiny models, inputs and spec builders for the superweights tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen, nnx
+
+from superweights import LayerSpec, ParamSpec
+
+REPO = Path(__file__).resolve().parents[1]
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+NUM_CLASSES = 5
+IMAGE_SHAPE = (4, 6, 6, 3)
+
+
+class TinyCNN(nnx.Module):
+    """stem 3x3 (3 -> w), BN, 3x3 (w -> 2w) plus a 1x1 shortcut (w -> 2w), dense head."""
+
+    def __init__(
+        self,
+        rngs: nnx.Rngs,
+        width: int = 4,
+        num_classes: int = NUM_CLASSES,
+        param_dtype=jnp.float32,
+    ):
+        conv = dict(rngs=rngs, param_dtype=param_dtype)
+        self.stem = nnx.Conv(3, width, (3, 3), **conv)
+        self.bn = nnx.BatchNorm(width, rngs=rngs, param_dtype=param_dtype)
+        self.conv = nnx.Conv(width, 2 * width, (3, 3), **conv)
+        self.shortcut = nnx.Conv(width, 2 * width, (1, 1), use_bias=False, **conv)
+        self.head = nnx.Linear(2 * width, num_classes, **conv)
+
+    def __call__(self, x, train: bool = False):
+        x = self.stem(x)
+        x = nnx.relu(self.bn(x, use_running_average=not train))
+        x = self.conv(x) + self.shortcut(x)
+        return self.head(x.mean((1, 2)))
+
+
+class LinenCNN(linen.Module):
+    """The same layout as TinyCNN in Linen; its BatchNorm keeps Linen's default name."""
+
+    width: int = 4
+
+    @linen.compact
+    def __call__(self, x, train: bool = False):
+        x = linen.Conv(self.width, (3, 3), name="stem")(x)
+        x = linen.relu(linen.BatchNorm(use_running_average=not train)(x))
+        y = linen.Conv(2 * self.width, (3, 3), name="conv")(x)
+        x = y + linen.Conv(2 * self.width, (1, 1), use_bias=False, name="shortcut")(x)
+        return linen.Dense(NUM_CLASSES, name="head")(x.mean((1, 2)))
+
+
+@pytest.fixture
+def images() -> jax.Array:
+    return jax.random.normal(jax.random.key(1), IMAGE_SHAPE)
+
+
+def conv(member: str, path: str, spatial: tuple[int, ...], cin: int, cout: int, depth: int):
+    """A LayerSpec of a float32 kernel `[*spatial, cin, cout]`."""
+    return LayerSpec(member, path, (*spatial, cin, cout), "float32", depth)
+
+
+def chain_specs(member: str, kernels: list[tuple[tuple[int, ...], int, int]]) -> list[LayerSpec]:
+    """LayerSpecs `l0, l1, ...` of one member from `(spatial, in, out)` triples, in order."""
+    return [
+        conv(member, f"l{depth}.kernel", spatial, cin, cout, depth)
+        for depth, (spatial, cin, cout) in enumerate(kernels)
+    ]
+
+
+def norm_params(layers: list[LayerSpec]) -> list[ParamSpec]:
+    """A BatchNorm scale and bias per layer, like the per-member params of a CNN."""
+    return [
+        ParamSpec(x.member, f"{x.path.split('.')[0]}_bn.{leaf}", (x.shape[-1],), "float32")
+        for x in layers
+        for leaf in ("scale", "bias")
+    ]

@@ -1,0 +1,274 @@
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from superweights import Budget, BudgetError, allocate, minimum_budget
+from superweights.budget import BankDemand
+
+# --- Budget ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"params": 10, "fraction": 0.1},
+        {"params": 0},
+        {"params": -5},
+        {"params": 2.5},
+        {"params": math.inf},
+        {"fraction": 0.0},
+        {"fraction": -0.1},
+        {"fraction": math.nan},
+        {"fraction": math.inf},
+        {"params": 10, "scope": "layers"},
+    ],
+)
+def test_budget_rejects_bad_arguments(kwargs):
+    with pytest.raises(BudgetError):
+        Budget(**kwargs)
+
+
+def test_budget_is_a_value_error_and_accepts_valid_forms():
+    assert issubclass(BudgetError, ValueError)
+    assert Budget(params=100).params == 100
+    assert Budget(params=100.0).resolve(1) == 100  # a whole float is a count
+    assert Budget(fraction=0.1, scope="model").scope == "model"
+    assert Budget(fraction=2.0).resolve(50) == 100  # above the dense size is allowed
+
+
+def test_budget_resolve():
+    assert Budget(params=1234).resolve(10**9) == 1234  # a count ignores the reference
+    assert Budget(fraction=0.25).resolve(1000) == 250
+    assert Budget(fraction=0.1).resolve(1005) == 100  # 100.5 rounded down: never above
+
+
+def test_budget_describe():
+    assert Budget(params=250000).describe() == "250,000 (banks scope)"
+    assert Budget(fraction=0.1, scope="model").describe() == "10.00% (model scope)"
+
+
+@pytest.mark.parametrize(
+    ("text", "params", "fraction"),
+    [
+        ("10%", None, 0.1),
+        (" 12.5 % ", None, 0.125),
+        ("0.1", None, 0.1),
+        ("1", None, 1.0),  # <= 1 reads as a fraction
+        ("250k", 250_000, None),
+        ("250K", 250_000, None),
+        ("1.5M", 1_500_000, None),
+        ("2g", 2_000_000_000, None),
+        ("250000", 250_000, None),
+        ("250,000", 250_000, None),
+        ("250_000", 250_000, None),
+        ("2.4", 2, None),  # > 1 reads as a count, rounded to the nearest
+        ("2.6", 3, None),
+    ],
+)
+def test_budget_parse(text, params, fraction):
+    budget = Budget.parse(text, scope="model")
+    assert (budget.params, budget.fraction, budget.scope) == (params, fraction, "model")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "abc",
+        "ten",
+        "%",
+        "k",
+        "12x",
+        "1.2.3",
+        "nan",
+        "inf",
+        "-inf%",
+        "1e400",
+        "nank",
+        "-5",
+        "0",
+        "0%",
+        "-3k",
+        "0.0001k",
+    ],
+)
+def test_budget_parse_rejects_garbage(text):
+    with pytest.raises(BudgetError):
+        Budget.parse(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="0123456789.,_%kKmMgGeE+- naif", max_size=8))
+def test_budget_parse_returns_a_valid_budget_or_budget_error(text):
+    try:
+        budget = Budget.parse(text)
+    except BudgetError:
+        return
+    assert (budget.params is None) != (budget.fraction is None)
+    if budget.params is not None:
+        assert isinstance(budget.params, int) and budget.params > 0
+    else:
+        assert 0 < budget.fraction < math.inf
+
+
+# --- allocate: the paper's two-phase rule, worked by hand -----------------------------------
+
+
+def test_minimum_budget():
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    assert minimum_budget(demands, fixed=0, count_coefficients=False) == 30
+    # model scope: + one coefficient per group per template, + the per-member params
+    assert minimum_budget(demands, fixed=7, count_coefficients=True) == 7 + 10 + 3 + 20 + 1
+
+
+def test_phase_one_adds_only_while_templates_below_users():
+    # A: L=10, 3 users; B: L=20, 1 user. Budget 55 = minimum 30 + 25.
+    # Phase 1: A 1->2 (left 15), A 2->3 (left 5); A is then at its 3 users, B has 1 user.
+    # Phase 2: nothing fits in 5. Without fill 5 is left over.
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    allocation = allocate(demands, 55, fill=False)
+    assert allocation.templates == allocation.paper_templates == (3, 1)
+    assert allocation.partial == (0, 0)
+    assert (allocation.spent, allocation.leftover) == (50, 5)
+
+
+def test_fill_spends_the_rest_as_one_partial_template():
+    # As above, then the 5 left become a partial template of 5 < L entries; on ties the
+    # first bank (A: min(10 - 1, 5) = 5 = B's min(20 - 1, 5)) takes it.
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    allocation = allocate(demands, 55, fill=True)
+    assert allocation.templates == allocation.paper_templates == (3, 1)
+    assert allocation.partial == (5, 0)
+    assert (allocation.spent, allocation.leftover) == (55, 0)
+
+
+def test_each_addition_only_if_it_fits():
+    # A: L=10, B: L=3, both 2 users; budget 13 + 5. Phase 1 pass 1: A does not fit in 5,
+    # B does (left 2); then nothing fits.
+    demands = [BankDemand(10, 2, 2), BankDemand(3, 2, 2)]
+    allocation = allocate(demands, 18, fill=False)
+    assert allocation.templates == (1, 2)
+    assert (allocation.spent, allocation.leftover) == (16, 2)
+
+
+def test_phase_two_round_robin_up_to_the_cap():
+    # A: L=1, 2 users; B: L=2, 1 user; budget 3 + 100.
+    # Phase 1: A -> 2 (left 99). Phase 2, 7 passes adding 1 to each bank below 8:
+    # A 3..8 in passes 1-6, B 2..8 in passes 1-7. Spent 8*1 + 8*2 = 24, left 79.
+    demands = [BankDemand(1, 2, 2), BankDemand(2, 1, 1)]
+    allocation = allocate(demands, 103, fill=False)
+    assert allocation.templates == allocation.paper_templates == (8, 8)
+    assert (allocation.spent, allocation.leftover) == (24, 79)
+
+
+def test_fill_goes_past_the_cap_round_robin():
+    # As above; fill then sweeps over both banks (3 per sweep): 26 sweeps spend 78, the
+    # 27th adds one more to A only (1 left, B costs 2). A = 8 + 27, B = 8 + 26, nothing left.
+    demands = [BankDemand(1, 2, 2), BankDemand(2, 1, 1)]
+    allocation = allocate(demands, 103, fill=True)
+    assert allocation.paper_templates == (8, 8)
+    assert allocation.templates == (35, 34)
+    assert allocation.partial == (0, 0)  # a partial template must be smaller than L = 1
+    assert (allocation.spent, allocation.leftover) == (103, 0)
+
+
+def test_seven_passes_in_each_phase():
+    # One bank, 20 users, L=1, cap raised to 30 so that only the pass counts limit it:
+    # phase 1 adds 7 (1 -> 8), phase 2 adds 7 more (-> 15).
+    allocation = allocate([BankDemand(1, 20, 1)], 1000, cap=30, fill=False)
+    assert allocation.templates == (15,)
+    assert allocation.leftover == 1000 - 15
+    # with the paper's cap of 8, phase 2 adds nothing once phase 1 reached 8
+    assert allocate([BankDemand(1, 20, 1)], 1000, fill=False).templates == (8,)
+    # one user: phase 1 adds nothing, phase 2 reaches the cap in 7 passes
+    assert allocate([BankDemand(1, 1, 1)], 1000, fill=False).templates == (8,)
+    assert allocate([BankDemand(1, 1, 1)], 1000, cap=20, fill=False).templates == (8,)
+
+
+def test_model_scope_counts_coefficients_and_fixed_params():
+    # L=10, 2 groups: a template costs 10 + 2 coefficients. Fixed 100: minimum 112.
+    demands = [BankDemand(10, 2, 2)]
+    kwargs = dict(fixed=100, count_coefficients=True)
+    at_minimum = allocate(demands, 112, **kwargs)
+    assert (at_minimum.templates, at_minimum.spent, at_minimum.leftover) == ((1,), 112, 0)
+    # 124 = 112 + 12: exactly one more whole template
+    assert allocate(demands, 124, **kwargs).templates == (2,)
+    # 123: 11 left < 12. A partial of 9 entries costs 9 + 2 coefficients = 11.
+    partial = allocate(demands, 123, **kwargs)
+    assert (partial.templates, partial.partial, partial.leftover) == ((1,), (9,), 0)
+    # 113: 1 left cannot pay even the partial template's 2 coefficients: reported
+    tiny = allocate(demands, 113, **kwargs)
+    assert (tiny.partial, tiny.spent, tiny.leftover) == ((0,), 112, 1)
+
+
+def test_partial_template_goes_where_it_absorbs_most():
+    # model scope, 7 left after the minimum; L=10 with 4 groups absorbs 7 - 4 = 3 entries,
+    # L=10 with 1 group absorbs 7 - 1 = 6: the second bank gets a partial of 6.
+    demands = [BankDemand(10, 1, 4), BankDemand(10, 1, 1)]
+    minimum = minimum_budget(demands, 0, True)
+    allocation = allocate(demands, minimum + 7, count_coefficients=True, cap=1)
+    assert allocation.templates == (1, 1)
+    assert allocation.partial == (0, 6)
+    assert allocation.leftover == 0
+
+
+def test_infeasible_budget_states_the_minimum():
+    demands = [BankDemand(1234, 2, 2), BankDemand(1000, 1, 1)]
+    with pytest.raises(BudgetError, match="2,234") as info:
+        allocate(demands, 2233)
+    assert "2,233" in str(info.value)
+    with pytest.raises(BudgetError, match="per-member"):
+        allocate(demands, 2233 + 50, fixed=50, count_coefficients=True)
+    assert allocate(demands, 2234).spent == 2234
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    demands=st.lists(
+        st.builds(
+            BankDemand,
+            piece_size=st.integers(1, 300),
+            users=st.integers(1, 6),
+            groups=st.integers(1, 6),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    extra=st.integers(0, 3000),
+    fixed=st.integers(0, 500),
+    model_scope=st.booleans(),
+    fill=st.booleans(),
+)
+def test_allocation_never_exceeds_the_budget(demands, extra, fixed, model_scope, fill):
+    fixed = fixed if model_scope else 0
+    minimum = minimum_budget(demands, fixed, model_scope)
+    budget = minimum + extra
+    allocation = allocate(demands, budget, fixed=fixed, count_coefficients=model_scope, fill=fill)
+    spent = fixed + sum(
+        k * d.piece_size + m + (k + (m > 0)) * d.groups * model_scope
+        for k, m, d in zip(allocation.templates, allocation.partial, demands, strict=True)
+    )
+    assert spent == allocation.spent == budget - allocation.leftover <= budget
+    assert all(k >= 1 for k in allocation.templates)
+    assert all(0 <= m < d.piece_size for m, d in zip(allocation.partial, demands, strict=True))
+    assert sum(m > 0 for m in allocation.partial) <= 1
+    # the paper's rule alone never passes the cap, and fill never removes templates
+    assert all(k <= 8 for k in allocation.paper_templates)
+    assert all(
+        k >= p for k, p in zip(allocation.templates, allocation.paper_templates, strict=True)
+    )
+    if fill:
+        # nothing else fits: every whole template costs more than what is left, and in the
+        # banks scope the partial template takes all of it
+        costs = [d.piece_size + d.groups * model_scope for d in demands]
+        assert allocation.leftover < min(costs)
+        if not model_scope:
+            assert allocation.leftover == 0
+        else:
+            assert allocation.leftover <= min(d.groups for d in demands)
+    else:
+        assert allocation.templates == allocation.paper_templates
+        assert allocation.partial == (0,) * len(demands)
