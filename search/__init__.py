@@ -1,0 +1,44 @@
+"""How sharing is found: gradient similarity, clustering under a budget, matching, unsharing."""
+
+from search.clustering import (
+    ClusterSimilarity,
+    SearchResult,
+    canonical_labels,
+    cluster_by_similarity,
+    clusters_minimum_budget,
+    search_clusters,
+    searched_plan,
+)
+from search.matching import build_clusters, match_layers, matched_groups
+from search.similarity import common_crop, cosine_similarity, layer_gradients, similarity_matrix
+from search.unshare import (
+    coefficient_gradient_groups,
+    expand_coefficients,
+    expand_optimizer_state,
+    layer_coefficient_gradients,
+    source_rows,
+    unshare_plan,
+)
+
+__all__ = [
+    "ClusterSimilarity",
+    "SearchResult",
+    "build_clusters",
+    "canonical_labels",
+    "cluster_by_similarity",
+    "clusters_minimum_budget",
+    "coefficient_gradient_groups",
+    "common_crop",
+    "cosine_similarity",
+    "expand_coefficients",
+    "expand_optimizer_state",
+    "layer_coefficient_gradients",
+    "layer_gradients",
+    "match_layers",
+    "matched_groups",
+    "search_clusters",
+    "searched_plan",
+    "similarity_matrix",
+    "source_rows",
+    "unshare_plan",
+]
