@@ -21,8 +21,10 @@ import archs
 from experiments import augment
 from experiments.data import DATASET_NAMES, load_dataset, subset
 from experiments.models import build_budgeted, build_dense, create_members
+from experiments.npas import SearchConfig, run_npas
+from experiments.plots import assignment_figure, similarity_figure
 from experiments.train import LoopConfig, OptimConfig, train
-from superweights import Budget, BudgetError
+from superweights import Budget, BudgetError, SharingRule
 
 DEFAULT_AUGMENTATION = {
     "cifar10": "cifar",
@@ -37,7 +39,7 @@ DEFAULT_AUGMENTATION = {
 class RunConfig:
     """One training run, as the command line describes it."""
 
-    arch: str = "wrn-16-2"
+    arch: str = "wrn-28-1"
     dataset: str = "digits"
     data_dir: str | None = None
     budget: str = "25%"
@@ -49,8 +51,9 @@ class RunConfig:
     test_size: int | None = None
     augmentation: str = "auto"
     output_dir: str | None = None
-    loop: LoopConfig = LoopConfig()
+    loop: LoopConfig = LoopConfig(epochs=15)
     optim: OptimConfig = OptimConfig()
+    search: SearchConfig = SearchConfig()
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--dataset", default=RunConfig.dataset, choices=DATASET_NAMES)
     run.add_argument("--data-dir", default=None, help="directory holding the data set's files")
     run.add_argument("--dense", action="store_true", help="train the full model, no sharing")
-    run.add_argument("--epochs", type=int, default=LoopConfig.epochs)
+    run.add_argument("--epochs", type=int, default=RunConfig.loop.epochs)
     run.add_argument("--batch-size", type=int, default=LoopConfig.batch_size)
     run.add_argument("--lr", type=float, default=OptimConfig.learning_rate)
     run.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
@@ -94,6 +97,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default=None, help="write plan, metrics and summary here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    npas = run.add_argument_group("search and unsharing (budgeted models)")
+    npas.add_argument(
+        "--no-search",
+        action="store_true",
+        help="keep the initial depth-binned clusters (the no-search baseline)",
+    )
+    npas.add_argument(
+        "--search-epochs",
+        type=int,
+        default=SearchConfig.search_epochs,
+        help="epochs of the search phase",
+    )
+    npas.add_argument(
+        "--gradient-batches",
+        type=int,
+        default=SearchConfig.gradient_batches,
+        help="batches averaged for the search gradients",
+    )
+    npas.add_argument(
+        "--tau", type=float, default=SearchConfig.tau, help="starting similarity threshold"
+    )
+    npas.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start the final model from the search phase's weights",
+    )
+    npas.add_argument(
+        "--unshare-epoch",
+        type=int,
+        default=None,
+        help="epoch after which coefficients are unshared "
+        "(default: 5%% of the epochs, at least 1; 0: never)",
+    )
 
     report = commands.add_parser("report", help="print the budget report of a model, no training")
     _add_model_args(report)
@@ -103,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    for name in ("epochs", "batch_size", "bins"):
+    for name in ("epochs", "batch_size", "bins", "search_epochs", "gradient_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     return RunConfig(
@@ -128,42 +164,61 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         optim=dataclasses.replace(
             OptimConfig(), learning_rate=args.lr, weight_decay=args.weight_decay
         ),
+        search=SearchConfig(
+            search=not args.no_search,
+            search_epochs=args.search_epochs,
+            gradient_batches=args.gradient_batches,
+            tau=args.tau,
+            warm_start=args.warm_start,
+            unshare_epoch=(
+                max(1, round(0.05 * args.epochs))
+                if args.unshare_epoch is None
+                else args.unshare_epoch
+            ),
+        ),
     )
 
 
+def search_summary(result, plan) -> str:
+    """A few lines on what the search found: tau and each new cluster's layers."""
+    lines = [
+        f"search: tau {result.tau:.2f}; {len(result.similarities)} initial clusters -> "
+        f"{len(result.clusters)} clusters (minimum budget {result.minimum_budget:,})"
+    ]
+    for cluster in plan.clusters:
+        layers = [i.split(":", 1)[-1].removesuffix(".kernel") for i in cluster.layers]
+        shown = ", ".join(layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")
+        lines.append(f"  {cluster.name}: {shown}")
+    return "\n".join(lines)
+
+
 def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict:
-    """Trains the configured model; returns the summary it prints and saves."""
+    """Trains the configured model; returns the summary it prints and saves.
+
+    Budgeted runs go through the NPAS pipeline (search, final model, unsharing);
+    `config.search.search=False` keeps the initial clusters; `config.dense`
+    trains the full model instead.
+    """
     budget = Budget.parse(config.budget, config.scope)
     dataset = load_dataset(config.dataset, config.data_dir)
-    if config.train_size or config.test_size:
+    if config.train_size is not None or config.test_size is not None:
         dataset = subset(dataset, config.train_size, config.test_size)
     height, width, channels = dataset.image_shape
     modules = create_members(
         [config.arch], num_classes=dataset.num_classes, in_channels=channels, seed=config.loop.seed
     )
     sample = jnp.zeros((1, height, width, channels), jnp.float32)
-    if config.dense:
-        model = build_dense(modules)
-        params = model.trainable_params
-        log(f"{config.arch} (dense, no sharing): {params:,} trainable parameters")
-    else:
-        model = build_budgeted(
-            modules, budget, sample, bins=config.bins, share_dense=config.share_dense
-        )
-        params = model.plan.trainable_params
-        log(f"{config.arch} at budget {budget.describe()}\n{model.report()}\n")
     name = config.augmentation
     if name == "auto":
         name = DEFAULT_AUGMENTATION[dataset.name]
     loop = dataclasses.replace(config.loop, augmentation=augment.preset(name))
+    config = dataclasses.replace(config, augmentation=name, loop=loop)
 
     out = Path(config.output_dir) if config.output_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-        if not config.dense:
-            (out / "plan.json").write_text(model.plan.to_json())
-            (out / "report.txt").write_text(model.report() + "\n")
+        (out / "metrics.jsonl").write_text("")
 
     def on_epoch(metrics: dict) -> None:
         if out:
@@ -172,18 +227,56 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
 
     log(
         f"training on {dataset.name}: {len(dataset.train_images):,} train / "
-        f"{len(dataset.test_images):,} test images, {config.loop.epochs} epochs, "
+        f"{len(dataset.test_images):,} test images, {loop.epochs} epochs, "
         f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
-    _, metrics = train(model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch)
-    summary = {
-        "arch": config.arch,
-        "dataset": dataset.name,
-        "dense": config.dense,
-        "budget": None if config.dense else budget.describe(),
-        "trainable_params": params,
-        **metrics,
-    }
+    summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
+    if config.dense:
+        model = build_dense(modules)
+        summary["trainable_params"] = model.trainable_params
+        log(f"{config.arch} (dense, no sharing): {model.trainable_params:,} trainable parameters")
+        _, metrics = train(model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch)
+    else:
+        rule = SharingRule(share_dense=config.share_dense)
+        # Validate the budget against the initial clusters before any training.
+        initial = build_budgeted(
+            modules, budget, sample, bins=config.bins, share_dense=config.share_dense
+        )
+        log(f"{config.arch} at budget {budget.describe()}; initial clusters:\n{initial.report()}\n")
+        run = run_npas(
+            modules,
+            dataset,
+            budget,
+            sample,
+            loop,
+            config.optim,
+            config.search,
+            bins=config.bins,
+            rule=rule,
+            progress=progress,
+            log=log,
+            on_epoch=on_epoch,
+        )
+        model, metrics, result = run["model"], run["metrics"], run["search"]
+        if result is not None:
+            log(search_summary(result, model.plan))
+            log(f"final model:\n{model.report()}")
+        summary.update(
+            budget=budget.describe(),
+            search=result is not None,
+            trainable_params=model.plan.trainable_params,
+            unshare=run["unshare"],
+            tau=None if result is None else result.tau,
+            clusters=len(model.plan.clusters),
+        )
+        if out:
+            (out / "plan.json").write_text(model.plan.to_json())
+            (out / "report.txt").write_text(model.report() + "\n")
+            if result is not None:
+                (out / "search.json").write_text(result.to_json())
+                similarity_figure(result, out / "similarity.png")
+            assignment_figure(model.plan, out / "clusters.png")
+    summary.update(metrics)
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(

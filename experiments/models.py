@@ -11,6 +11,7 @@ from flax import nnx
 import archs
 import superweights
 from superweights import Budget, BudgetedModel, Member, SharingRule, nnx_member
+from superweights.model import apply_members
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,10 +29,7 @@ class DenseModel:
         return params, {m.name: m.state for m in self.members}
 
     def apply(self, params, state, x, train=False):
-        logits, new_state = {}, {}
-        for m in self.members:
-            logits[m.name], new_state[m.name] = m.apply_fn(params[m.name], state[m.name], x, train)
-        return logits, new_state
+        return apply_members(self.members, params, state, x, train)
 
     def weight_decay_mask(self, params):
         return jax.tree_util.tree_map(lambda _: True, params)

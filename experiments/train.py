@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -54,7 +54,10 @@ class TrainState(NamedTuple):
 
 
 def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    boundaries = {max(1, round(f * total_steps)): config.decay for f in config.milestones}
+    boundaries: dict[int, float] = {}
+    for fraction in config.milestones:
+        step = max(1, round(fraction * total_steps))
+        boundaries[step] = boundaries.get(step, 1.0) * config.decay
     return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
@@ -145,6 +148,9 @@ class LoopConfig:
     augmentation: augmentation.Augmentation = augmentation.Augmentation()
 
 
+Intervention = Callable[[Any, TrainState], tuple[Any, TrainState]]
+
+
 def train(
     model,
     dataset: Dataset,
@@ -153,11 +159,26 @@ def train(
     *,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    initial: tuple[Any, Any] | None = None,
+    interventions: Mapping[int, Intervention] | None = None,
+    stop_after: int | None = None,
 ) -> tuple[TrainState, dict]:
-    """Trains `model` on `dataset` and returns the final state and test metrics.
+    """Trains `model` on `dataset` and returns the final state and metrics.
 
-    `on_epoch(metrics)` is called after every epoch with that epoch's mean train
-    loss, wall time and, every `eval_every` epochs and at the end, test metrics.
+    Args:
+      model: a `BudgetedModel` or `DenseModel`.
+      dataset: train and test splits.
+      loop: epochs, batch size, seed, augmentation.
+      optim: the optimizer recipe; its schedule spans `loop.epochs`.
+      on_epoch: called after every epoch with that epoch's mean train loss, wall
+        time and, every `eval_every` epochs and at the end, test metrics.
+      initial: `(params, model_state)` to start from instead of `model.init`.
+      interventions: `{epoch: fn(model, state) -> (model, state)}`, run after
+        that epoch's steps; a changed model gets a freshly compiled step and an
+        optimizer whose weight-decay mask follows the new params (the
+        optimizer state passed back must match them).
+      stop_after: end after this many epochs, the schedule still spanning
+        `loop.epochs` (a search phase at the full learning rate).
     """
     if loop.batch_size > len(dataset.train_images):
         raise ValueError(
@@ -166,12 +187,21 @@ def train(
         )
     steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
     total_steps = steps * loop.epochs
+    last_epoch = loop.epochs if stop_after is None else min(stop_after, loop.epochs)
+    interventions = interventions or {}
     init_key, train_key = jax.random.split(jax.random.key(loop.seed))
-    params, model_state = model.init(init_key)
-    optimizer = make_optimizer(optim, total_steps, model.weight_decay_mask(params))
+    params, model_state = initial if initial is not None else model.init(init_key)
+
+    def compile_steps(model, params):
+        optimizer = make_optimizer(optim, total_steps, model.weight_decay_mask(params))
+        return (
+            optimizer,
+            make_train_step(model, optimizer, loop.augmentation),
+            make_eval_step(model),
+        )
+
+    optimizer, train_step, eval_step = compile_steps(model, params)
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
-    train_step = make_train_step(model, optimizer, loop.augmentation)
-    eval_step = make_eval_step(model)
     order = np.random.default_rng(loop.seed)
 
     def evaluate(state: TrainState) -> dict:
@@ -180,10 +210,10 @@ def train(
         )
         return classification_metrics(logits, dataset.test_labels)
 
-    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     metrics: dict = {}
     start = time.perf_counter()
-    for epoch in range(1, loop.epochs + 1):
+    for epoch in range(1, last_epoch + 1):
         losses = []
         for images, labels in batches(
             dataset.train_images,
@@ -201,8 +231,11 @@ def train(
             raise FloatingPointError(
                 f"training loss became {epoch_loss} in epoch {epoch}; lower the learning rate"
             )
+        if epoch in interventions:
+            model, state = interventions[epoch](model, state)
+            optimizer, train_step, eval_step = compile_steps(model, state.params)
         metrics = {"epoch": epoch, "train_loss": epoch_loss, "time": time.perf_counter() - start}
-        if epoch == loop.epochs or (loop.eval_every and epoch % loop.eval_every == 0):
+        if epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0):
             metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
         bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
         if on_epoch:

@@ -1,0 +1,150 @@
+"""Train-step time, compile time and memory: budgeted model against the plain one.
+
+    python -m experiments.benchmarks.train_step --arch wrn-16-4 --budget 10% --batch-size 128
+
+Both models are built from the same architecture and stepped with the same
+jitted train step (SGD, Nesterov, weight decay) in one process; timings are
+interleaved round by round so that load on the machine hits both alike, and the
+median per step is reported. Compile time is lowering plus XLA compilation,
+without the persistent cache. Memory is XLA's own account of the compiled step
+(arguments, outputs and temporaries) and, where the backend reports it, the
+device's peak use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import augment
+from experiments.models import build_budgeted, build_dense, create_members
+from experiments.train import OptimConfig, TrainState, make_optimizer, make_train_step
+from superweights import Budget, BudgetError
+
+
+def compiled_step(model, batch_size: int, image_shape, num_classes: int, seed: int = 0):
+    """`(compiled step, initial state, batch, compile seconds, memory bytes)`."""
+    params, model_state = model.init(jax.random.key(seed))
+    optimizer = make_optimizer(OptimConfig(), 1000, model.weight_decay_mask(params))
+    state = TrainState(
+        jnp.array(0), params, model_state, optimizer.init(params), jax.random.key(seed + 1)
+    )
+    step = make_train_step(model, optimizer, augment.preset("none"))
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, *image_shape), np.float32)
+    labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
+    start = time.perf_counter()
+    compiled = step.lower(state, images, labels).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = None
+    if memory is not None:
+        total = sum(
+            getattr(memory, f"{part}_size_in_bytes", 0)
+            for part in ("argument", "output", "temp", "generated_code")
+        )
+    return compiled, state, (images, labels), seconds, total
+
+
+def time_steps(compiled, state, batch, steps: int):
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, *batch)
+    jax.block_until_ready(metrics)
+    return state, (time.perf_counter() - start) / steps
+
+
+def resolve_budget(text: str, modules, sample) -> tuple[Budget, str]:
+    """The asked-for budget, or, if it is infeasible, the smallest feasible whole percent."""
+    budget = Budget.parse(text)
+    try:
+        build_budgeted(modules, budget, sample)
+        return budget, ""
+    except BudgetError:
+        probe = build_budgeted(modules, Budget(fraction=1.0), sample).plan
+        reference = sum(layer.size for layer in probe.layers)
+        percent = int(np.ceil(100 * probe.minimum_budget / reference))
+        note = (
+            f"{budget.describe()} is below this model's smallest feasible budget "
+            f"({probe.minimum_budget:,} = {probe.minimum_budget / reference:.1%}); "
+            f"measuring at {percent}% instead"
+        )
+        return Budget(fraction=percent / 100), note
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="wrn-16-4")
+    parser.add_argument("--budget", default="10%")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-shape", default="32,32,3")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    args = parser.parse_args(argv)
+    image_shape = tuple(int(x) for x in args.image_shape.split(","))
+    modules = create_members(
+        [args.arch], num_classes=args.num_classes, in_channels=image_shape[-1], seed=0
+    )
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    budget, note = resolve_budget(args.budget, modules, sample)
+    if note:
+        print(note)
+    models = {"budgeted": build_budgeted(modules, budget, sample), "plain": build_dense(modules)}
+
+    runs = {}
+    for name, model in models.items():
+        compiled, state, batch, seconds, memory = compiled_step(
+            model, args.batch_size, image_shape, args.num_classes
+        )
+        state, _ = time_steps(compiled, state, batch, 2)  # warm-up
+        runs[name] = {
+            "compiled": compiled,
+            "state": state,
+            "batch": batch,
+            "compile_s": seconds,
+            "memory": memory,
+            "times": [],
+        }
+    for _ in range(args.rounds):
+        for run in runs.values():
+            run["state"], seconds = time_steps(
+                run["compiled"], run["state"], run["batch"], args.steps
+            )
+            run["times"].append(seconds)
+
+    device = jax.devices()[0]
+    print(
+        f"{args.arch}, batch {args.batch_size}, {image_shape}, on {jax.device_count()} "
+        f"{device.platform} device(s) ({device.device_kind}); budget {budget.describe()}"
+    )
+    plan = models["budgeted"].plan
+    print(
+        f"trainable params: budgeted {plan.trainable_params:,}, "
+        f"plain {models['plain'].trainable_params:,}"
+    )
+    for name, run in runs.items():
+        memory = f"{run['memory'] / 2**20:.1f} MiB" if run["memory"] else "n/a"
+        print(
+            f"{name:>9}: step {1e3 * statistics.median(run['times']):8.2f} ms (median of "
+            f"{args.rounds}x{args.steps}), compile {run['compile_s']:6.2f} s, "
+            f"XLA memory {memory}"
+        )
+    budgeted, plain = runs["budgeted"], runs["plain"]
+    step_ratio = statistics.median(budgeted["times"]) / statistics.median(plain["times"])
+    print(f"step-time ratio    {step_ratio:.3f}")
+    print(f"compile-time ratio {budgeted['compile_s'] / plain['compile_s']:.3f}")
+    if budgeted["memory"] and plain["memory"]:
+        print(f"memory ratio       {budgeted['memory'] / plain['memory']:.3f}")
+    stats = getattr(device, "memory_stats", lambda: None)()
+    if stats and "peak_bytes_in_use" in stats:
+        print(f"device peak memory (whole process) {stats['peak_bytes_in_use'] / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The whole NPAS pipeline: search phase, cluster split, final model, unsharing.
+
+search model (initial clusters, one coefficient vector per cluster and level)
+  -- train `search_epochs` at the full learning rate
+  -- average dL/dW over `gradient_batches` batches
+  -- split clusters by gradient conflict under the budget  (search.search_clusters)
+final model (found clusters; the largest member's layers own coefficients)
+  -- train from scratch (or warm start)
+  -- at `unshare_epoch`: split coefficient vectors whose users disagree
+     (search.coefficient_gradient_groups), copying values and optimizer state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+import search
+from experiments.data import Dataset, batches
+from experiments.train import LoopConfig, OptimConfig, TrainState, cross_entropy, train
+from superweights import Budget, BudgetedModel, budgeted
+from superweights.model import apply_members
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How sharing is searched for and refined (method.md sections 6-7).
+
+    Attributes:
+      search: run the gradient-conflict search; False keeps the initial clusters.
+      search_epochs: epochs of the search phase (paper: 20 of 200).
+      gradient_batches: batches averaged for the per-layer gradients.
+      tau: starting similarity threshold of the clustering.
+      tau_step: how much tau drops while the clusters do not fit the budget.
+      warm_start: start the final model from the search phase's per-member
+        params (norms, heads, statistics) and from its templates wherever a
+        bank kept its shape; otherwise the final model starts fresh.
+      unshare_epoch: epoch of the final run after which coefficients are
+        unshared (0: never; paper: 10 of 200).
+      unshare_threshold: cosine at or below which sharers are split off.
+      unshare_batches: batches averaged for the coefficient gradients.
+    """
+
+    search: bool = True
+    search_epochs: int = 3
+    gradient_batches: int = 8
+    tau: float = 0.1
+    tau_step: float = 0.05
+    warm_start: bool = False
+    unshare_epoch: int = 2
+    unshare_threshold: float = 0.9
+    unshare_batches: int = 8
+
+
+def weight_gradients(
+    model: BudgetedModel, params, model_state, image_batches
+) -> dict[str, np.ndarray]:
+    """`{layer id: dL/dW}` averaged over batches, with respect to the composed weights.
+
+    The loss is the sum of the members' cross-entropies in evaluation mode (no
+    augmentation, running statistics), so the gradients measure the weights alone.
+    """
+
+    @jax.jit
+    def member_grads(member_params, images, labels):
+        def loss(p):
+            logits, _ = apply_members(model.members, p, model_state, images, train=False)
+            return sum(cross_entropy(out, labels) for out in logits.values())
+
+        return jax.grad(loss)(member_params)
+
+    member_params = jax.jit(model.member_params)(params)
+    total, count = None, 0
+    for images, labels in image_batches:
+        grads = member_grads(member_params, images, labels)
+        total = grads if total is None else jax.tree_util.tree_map(np.add, total, grads)
+        count += 1
+    if not count:
+        raise ValueError("no batches to average gradients over")
+    mean = jax.tree_util.tree_map(lambda g: np.asarray(g) / count, total)
+    return search.layer_gradients(model.plan, mean)
+
+
+def gradient_batches(dataset: Dataset, batch_size: int, count: int, seed: int):
+    """The first `count` shuffled training batches."""
+    rng = np.random.default_rng(seed)
+    iterator = batches(
+        dataset.train_images, dataset.train_labels, batch_size, rng=rng, drop_remainder=False
+    )
+    return [batch for _, batch in zip(range(count), iterator, strict=False)]
+
+
+def warm_start_params(final: BudgetedModel, params, key) -> dict:
+    """Fresh final params, with everything the search phase trained that still fits."""
+    fresh, _ = final.init(key)
+    bank = fresh["bank"]
+    for part in ("templates", "partial"):
+        for name, value in params["bank"][part].items():
+            if name in bank[part] and bank[part][name].shape == value.shape:
+                bank[part][name] = value
+    return {"bank": bank, "unshared": params["unshared"]}
+
+
+def unshare_intervention(
+    dataset: Dataset, loop: LoopConfig, config: SearchConfig, log: Callable[[str], None], record
+) -> Callable[[BudgetedModel, TrainState], tuple[BudgetedModel, TrainState]]:
+    """The step that splits disagreeing coefficient vectors mid-training."""
+
+    def intervene(model: BudgetedModel, state: TrainState):
+        sample = gradient_batches(dataset, loop.batch_size, config.unshare_batches, loop.seed + 2)
+        grads = weight_gradients(model, state.params, state.model_state, sample)
+        coefficient_grads = search.layer_coefficient_gradients(
+            model.plan, state.params["bank"], grads
+        )
+        coefficients = search.coefficient_gradient_groups(
+            model.plan, coefficient_grads, config.unshare_threshold
+        )
+        new_plan = search.unshare_plan(model.plan, coefficients)
+        before = sum(len(b.groups) for b in model.plan.banks)
+        after = sum(len(b.groups) for b in new_plan.banks)
+        log(f"unsharing: {before} coefficient vectors -> {after}")
+        record["unshare"] = {"vectors_before": before, "vectors_after": after}
+        record["plan"] = new_plan
+        params = dict(state.params)
+        params["bank"] = search.expand_coefficients(model.plan, new_plan, state.params["bank"])
+        opt_state = search.expand_optimizer_state(
+            model.plan, new_plan, state.params, state.opt_state
+        )
+        new_model = BudgetedModel(new_plan, model.members)
+        return new_model, state._replace(params=params, opt_state=opt_state)
+
+    return intervene
+
+
+def run_search(
+    modules: Mapping[str, Any],
+    dataset: Dataset,
+    budget: Budget,
+    sample_input,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    config: SearchConfig,
+    *,
+    bins: int = 4,
+    rule=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
+    """Search phase: train the hard-shared model briefly, then split its clusters."""
+    searcher = budgeted(
+        modules, budget, sample_input=sample_input, bins=bins, rule=rule, shared_coefficients=True
+    )
+    log(f"search phase: {config.search_epochs} epochs on the initial clusters")
+    state, _ = train(
+        searcher, dataset, loop, optim, progress=progress, stop_after=config.search_epochs
+    )
+    sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
+    grads = weight_gradients(searcher, state.params, state.model_state, sample)
+    result = search.search_clusters(
+        searcher.plan, grads, budget, tau=config.tau, step=config.tau_step
+    )
+    return searcher, result, state
+
+
+def run_npas(
+    modules: Mapping[str, Any],
+    dataset: Dataset,
+    budget: Budget,
+    sample_input,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    config: SearchConfig,
+    *,
+    bins: int = 4,
+    rule=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Search (unless `config.search` is off), then train the final model.
+
+    Returns `{"model", "state", "metrics", "search" (SearchResult or None),
+    "searcher", "initial_plan", "unshare"}`; `model` is the final one, after
+    unsharing.
+    """
+    result, searcher, initial = None, None, None
+    final = budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
+    if config.search:
+        searcher, result, search_state = run_search(
+            modules,
+            dataset,
+            budget,
+            sample_input,
+            loop,
+            optim,
+            config,
+            bins=bins,
+            rule=rule,
+            progress=progress,
+            log=log,
+        )
+        final = BudgetedModel(search.searched_plan(final.plan, result, budget), final.members)
+        log(
+            f"search: tau {result.tau:.2f}, {len(searcher.plan.clusters)} initial clusters -> "
+            f"{len(result.clusters)}"
+        )
+        if config.warm_start:
+            params = warm_start_params(final, search_state.params, jax.random.key(loop.seed))
+            initial = (params, search_state.model_state)
+    record: dict = {}
+    interventions = {}
+    if config.unshare_epoch and config.unshare_epoch < loop.epochs:
+        interventions[config.unshare_epoch] = unshare_intervention(
+            dataset, loop, config, log, record
+        )
+    state, metrics = train(
+        final,
+        dataset,
+        loop,
+        optim,
+        progress=progress,
+        on_epoch=on_epoch,
+        initial=initial,
+        interventions=interventions,
+    )
+    model = BudgetedModel(record["plan"], final.members) if "plan" in record else final
+    return {
+        "model": model,
+        "state": state,
+        "metrics": metrics,
+        "search": result,
+        "searcher": searcher,
+        "initial_plan": final.plan,
+        "unshare": record.get("unshare"),
+    }
