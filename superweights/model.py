@@ -88,6 +88,18 @@ def linen_member(name: str, module, sample_input: jax.Array, key: jax.Array) -> 
     return Member(name, params, state, apply_fn)
 
 
+def apply_members(
+    members, member_params: Mapping[str, Any], state: Mapping[str, Any], x, train: bool
+) -> tuple[dict[str, jax.Array], dict]:
+    """Runs every member on its own params: `({member: logits}, {member: new state})`."""
+    logits, new_state = {}, {}
+    for member in members:
+        logits[member.name], new_state[member.name] = member.apply_fn(
+            member_params[member.name], state[member.name], x, train
+        )
+    return logits, new_state
+
+
 def as_member(name: str, model, sample_input, key) -> Member:
     """A Member from an NNX module, a Linen module or a Member."""
     if isinstance(model, Member):
@@ -165,14 +177,7 @@ class BudgetedModel:
         self, params: dict, state: dict, x: jax.Array, train: bool = False
     ) -> tuple[dict[str, jax.Array], dict]:
         """`({member: logits [batch, classes]}, new state)` for input `x`."""
-        logits, new_state = {}, {}
-        for member, member_params in zip(
-            self.members, self.member_params(params).values(), strict=True
-        ):
-            logits[member.name], new_state[member.name] = member.apply_fn(
-                member_params, state[member.name], x, train
-            )
-        return logits, new_state
+        return apply_members(self.members, self.member_params(params), state, x, train)
 
     def export(self, params: dict) -> dict[str, Any]:
         """Plain dense params per member (numpy), for the unmodified models."""
