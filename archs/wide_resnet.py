@@ -31,11 +31,26 @@ class PreActBlock(nnx.Module):
         return self.conv2(out) + residual
 
 
+class ExitHead(nnx.Module):
+    """BN-ReLU-global average pool-Linear: a classifier on an intermediate feature map."""
+
+    def __init__(self, channels: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.bn = batch_norm(channels, rngs)
+        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """[b, h, w, channels] -> [b, num_classes]."""
+        x = nnx.relu(self.bn(x, use_running_average=not train))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
 class WideResNet(nnx.Module):
     """WRN-depth-width: a 3x3 stem, 3 stages of (depth - 4) / 6 pre-activation blocks, and a head.
 
     Stage widths are 16k, 32k, 64k with strides 1, 2, 2; convs use Kaiming-normal (fan_out) init.
-    Input [b, h, w, in_channels], output logits [b, num_classes].
+    Input [b, h, w, in_channels], output logits [b, num_classes]; with `exits=True`, early-exit
+    heads after the first two stages make it [b, 3, num_classes] (exits in depth order, the
+    final head last).
     """
 
     def __init__(
@@ -45,6 +60,7 @@ class WideResNet(nnx.Module):
         *,
         num_classes: int,
         in_channels: int = 3,
+        exits: bool = False,
         rngs: nnx.Rngs,
     ):
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -70,12 +86,19 @@ class WideResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.final_bn = batch_norm(channels, rngs)
         self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+        self.exit_heads = (
+            nnx.List([ExitHead(w, num_classes, rngs=rngs) for w in widths[:2]]) if exits else None
+        )
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """[b, h, w, in_channels] -> [b, num_classes]."""
+        """[b, h, w, in_channels] -> [b, num_classes] (or [b, 3, num_classes] with exits)."""
         x = self.stem(x)
-        for stage in self.stages:
+        early = []
+        for index, stage in enumerate(self.stages):
             for block in stage:
                 x = block(x, train=train)
+            if self.exit_heads is not None and index < len(self.exit_heads):
+                early.append(self.exit_heads[index](x, train=train))
         x = nnx.relu(self.final_bn(x, use_running_average=not train))
-        return self.head(jnp.mean(x, axis=(1, 2)))
+        logits = self.head(jnp.mean(x, axis=(1, 2)))
+        return jnp.stack([*early, logits], axis=1) if early else logits

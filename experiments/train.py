@@ -70,7 +70,14 @@ def make_optimizer(config: OptimConfig, total_steps: int, mask) -> optax.Gradien
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy; `logits [batch, classes]`, integer `labels [batch]`."""
+    """Mean softmax cross-entropy over the batch; integer `labels [batch]`.
+
+    `logits [batch, classes]`, or `[batch, exits, classes]` for a model with
+    early exits, whose exits' losses are summed.
+    """
+    if logits.ndim == 3:
+        labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(0).sum()
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -121,12 +128,26 @@ def predict(eval_step, params, model_state, images: np.ndarray, batch_size: int)
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
+def split_exits(logits: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """`({member: final logits [n, classes]}, {"member/exitE": early-exit logits})`."""
+    finals, early = {}, {}
+    for name, x in logits.items():
+        if x.ndim == 3:
+            early.update({f"{name}/exit{e}": x[:, e] for e in range(x.shape[1] - 1)})
+            x = x[:, -1]
+        finals[name] = x
+    return finals, early
+
+
 def classification_metrics(logits: dict[str, np.ndarray], labels: np.ndarray) -> dict:
-    """Accuracy and NLL per member and, with several members, of their mean softmax."""
+    """Accuracy and NLL per member (and early exit) and, with several members, of their
+    mean softmax (final exits only)."""
     metrics = {}
+    logits, early = split_exits(logits)
     probabilities = {n: np.asarray(jax.nn.softmax(jnp.asarray(x))) for n, x in logits.items()}
     if len(probabilities) > 1:
         probabilities["ensemble"] = np.mean(list(probabilities.values()), axis=0)
+    probabilities.update({n: np.asarray(jax.nn.softmax(jnp.asarray(x))) for n, x in early.items()})
     for name, p in probabilities.items():
         metrics[f"accuracy/{name}"] = float(np.mean(p.argmax(-1) == labels))
         nll = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None))

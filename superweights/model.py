@@ -44,12 +44,15 @@ class Member:
       params: nested dict of the trainable params (initial values).
       state: nested dict of everything else (e.g. batch statistics).
       apply_fn: `(params, state, x, train) -> (logits, new_state)`.
+      signature: hashable; members with equal, non-None signatures compute the
+        same function of their params and run together under `jax.vmap`.
     """
 
     name: str
     params: Any
     state: Any
     apply_fn: ApplyFn
+    signature: Any = None
 
 
 def nnx_member(name: str, module) -> Member:
@@ -70,7 +73,13 @@ def nnx_member(name: str, module) -> Member:
         logits = model(x, train=train)
         return logits, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
 
-    return Member(name, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), apply_fn)
+    pure_params, pure_rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    signature = ("nnx", graphdef, _shapes(pure_params), _shapes(pure_rest))
+    return Member(name, pure_params, pure_rest, apply_fn, signature)
+
+
+def _shapes(tree_) -> tuple:
+    return tuple((p, tuple(x.shape), str(x.dtype)) for p, x in tree.flatten(tree_).items())
 
 
 def linen_member(name: str, module, sample_input: jax.Array, key: jax.Array) -> Member:
@@ -85,19 +94,37 @@ def linen_member(name: str, module, sample_input: jax.Array, key: jax.Array) -> 
             return logits, dict(new_state)
         return module.apply({"params": p, **s}, x, train=train), s
 
-    return Member(name, params, state, apply_fn)
+    return Member(name, params, state, apply_fn, ("linen", module, _shapes(variables)))
 
 
 def apply_members(
     members, member_params: Mapping[str, Any], state: Mapping[str, Any], x, train: bool
 ) -> tuple[dict[str, jax.Array], dict]:
-    """Runs every member on its own params: `({member: logits}, {member: new state})`."""
-    logits, new_state = {}, {}
+    """Runs every member on its own params: `({member: logits}, {member: new state})`.
+
+    Members with the same signature (same architecture) run as one `jax.vmap`
+    over their stacked params and state instead of one after another.
+    """
+    groups: dict[Any, list[Member]] = {}
     for member in members:
-        logits[member.name], new_state[member.name] = member.apply_fn(
-            member_params[member.name], state[member.name], x, train
-        )
-    return logits, new_state
+        key = member.name if member.signature is None else member.signature
+        groups.setdefault(key, []).append(member)
+    logits, new_state = {}, {}
+    for group in groups.values():
+        if len(group) == 1:
+            (member,) = group
+            logits[member.name], new_state[member.name] = member.apply_fn(
+                member_params[member.name], state[member.name], x, train
+            )
+            continue
+        stack = functools.partial(jax.tree_util.tree_map, lambda *xs: jnp.stack(xs))
+        stacked_out, stacked_state = jax.vmap(
+            lambda p, s, fn=group[0].apply_fn: fn(p, s, x, train)
+        )(stack(*(member_params[m.name] for m in group)), stack(*(state[m.name] for m in group)))
+        for index, member in enumerate(group):
+            logits[member.name] = stacked_out[index]
+            new_state[member.name] = jax.tree_util.tree_map(lambda a, i=index: a[i], stacked_state)
+    return {m.name: logits[m.name] for m in members}, {m.name: new_state[m.name] for m in members}
 
 
 def as_member(name: str, model, sample_input, key) -> Member:
