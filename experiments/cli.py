@@ -40,6 +40,7 @@ class RunConfig:
     """One training run, as the command line describes it."""
 
     arch: str = "wrn-28-1"
+    exits: bool = False
     dataset: str = "digits"
     data_dir: str | None = None
     budget: str = "25%"
@@ -58,7 +59,13 @@ class RunConfig:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--arch", default=RunConfig.arch, help=f"model name ({', '.join(archs.available())})"
+        "--arch",
+        default=RunConfig.arch,
+        help=f"model name ({', '.join(archs.available())}); a comma-separated list trains an "
+        "ensemble of members from one bank (repeat a name for identical members)",
+    )
+    parser.add_argument(
+        "--exits", action="store_true", help="early-exit heads after each stage (WRN members)"
     )
     parser.add_argument(
         "--budget",
@@ -144,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     return RunConfig(
         arch=args.arch,
+        exits=args.exits,
         dataset=args.dataset,
         data_dir=args.data_dir,
         budget=args.budget,
@@ -205,7 +213,11 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         dataset = subset(dataset, config.train_size, config.test_size)
     height, width, channels = dataset.image_shape
     modules = create_members(
-        [config.arch], num_classes=dataset.num_classes, in_channels=channels, seed=config.loop.seed
+        arch_list(config.arch, config.exits),
+        num_classes=dataset.num_classes,
+        in_channels=channels,
+        seed=config.loop.seed,
+        **({"exits": True} if config.exits else {}),
     )
     sample = jnp.zeros((1, height, width, channels), jnp.float32)
     name = config.augmentation
@@ -286,13 +298,27 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     return summary
 
 
+def arch_list(text: str, exits: bool = False) -> list[str]:
+    """`"wrn-16-2,wrn-10-2"` -> `["wrn-16-2", "wrn-10-2"]`, checked against the registry."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--arch {text!r} has an empty member name")
+    if exits and not all(name.startswith("wrn-") for name in names):
+        raise ValueError("--exits needs Wide ResNet members (wrn-<depth>-<width>)")
+    return names
+
+
 def run_report(args: argparse.Namespace, log=print) -> None:
     shape = tuple(int(x) for x in args.image_shape.split(","))
     if len(shape) != 3:
         raise ValueError("--image-shape takes height,width,channels, e.g. 32,32,3")
     modules = nnx.eval_shape(  # shapes only: no memory spent on weights
         lambda: create_members(
-            [args.arch], num_classes=args.num_classes, in_channels=shape[2], seed=0
+            arch_list(args.arch, args.exits),
+            num_classes=args.num_classes,
+            in_channels=shape[2],
+            seed=0,
+            **({"exits": True} if args.exits else {}),
         )
     )
     sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)

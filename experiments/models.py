@@ -39,21 +39,36 @@ class DenseModel:
         return sum(x.size for m in self.members for x in jax.tree_util.tree_leaves(m.params))
 
 
+def member_names(arch_names: list[str]) -> list[str]:
+    """Unique member names: an architecture listed n > 1 times becomes `name_1 .. name_n`."""
+    counts = {name: arch_names.count(name) for name in arch_names}
+    seen: dict[str, int] = {}
+    names = []
+    for name in arch_names:
+        seen[name] = seen.get(name, 0) + 1
+        names.append(f"{name}_{seen[name]}" if counts[name] > 1 else name)
+    return names
+
+
 def create_members(
-    names: list[str], *, num_classes: int, in_channels: int, seed: int, **kwargs
+    arch_names: list[str], *, num_classes: int, in_channels: int, seed: int, **kwargs
 ) -> dict[str, nnx.Module]:
-    """`{name: module}` from the registry; each member gets its own init seed."""
-    if len(set(names)) != len(names):
-        raise ValueError(f"member names must be unique, got {names}")
+    """`{member name: module}` from the registry; each member gets its own init seed.
+
+    The same architecture may be listed several times (an ensemble of equals);
+    its members are then named `arch_1`, `arch_2`, ... (see `member_names`).
+    """
+    if not arch_names:
+        raise ValueError("give at least one member architecture")
     return {
         name: archs.create(
-            name,
+            arch,
             num_classes=num_classes,
             in_channels=in_channels,
             rngs=nnx.Rngs(seed + i),
             **kwargs,
         )
-        for i, name in enumerate(names)
+        for i, (name, arch) in enumerate(zip(member_names(arch_names), arch_names, strict=True))
     }
 
 

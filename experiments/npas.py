@@ -22,7 +22,7 @@ import numpy as np
 import search
 from experiments.data import Dataset, batches
 from experiments.train import LoopConfig, OptimConfig, TrainState, cross_entropy, train
-from superweights import Budget, BudgetedModel, budgeted
+from superweights import Budget, BudgetedModel, BudgetError, budgeted
 from superweights.model import apply_members
 
 
@@ -119,7 +119,12 @@ def unshare_intervention(
         coefficients = search.coefficient_gradient_groups(
             model.plan, coefficient_grads, config.unshare_threshold
         )
-        new_plan = search.unshare_plan(model.plan, coefficients)
+        try:
+            new_plan = search.unshare_plan(model.plan, coefficients)
+        except BudgetError as error:  # model scope: the plan already spends the whole budget
+            log(f"unsharing skipped: {error}")
+            record["unshare"] = {"skipped": str(error)}
+            return model, state
         before = sum(len(b.groups) for b in model.plan.banks)
         after = sum(len(b.groups) for b in new_plan.banks)
         log(f"unsharing: {before} coefficient vectors -> {after}")
@@ -188,8 +193,9 @@ def run_npas(
     unsharing.
     """
     result, searcher, initial = None, None, None
-    final = budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
-    if config.search:
+    if not config.search:
+        final = budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
+    else:
         searcher, result, search_state = run_search(
             modules,
             dataset,
@@ -203,7 +209,8 @@ def run_npas(
             progress=progress,
             log=log,
         )
-        final = BudgetedModel(search.searched_plan(final.plan, result, budget), final.members)
+        plan = search.searched_plan(searcher.plan, result, budget)
+        final = BudgetedModel(plan, searcher.members)
         log(
             f"search: tau {result.tau:.2f}, {len(searcher.plan.clusters)} initial clusters -> "
             f"{len(result.clusters)}"

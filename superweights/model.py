@@ -236,6 +236,22 @@ def _members(models, sample_input, key) -> list[Member]:
     ]
 
 
+def check_outputs(members, sample_input) -> None:
+    """Raises unless every member maps `sample_input` to logits with one class count."""
+    x = jax.ShapeDtypeStruct(np.shape(sample_input), jnp.result_type(sample_input))
+    classes = {}
+    for member in members:
+        out = jax.eval_shape(
+            lambda p, s, x, m=member: m.apply_fn(p, s, x, False)[0], member.params, member.state, x
+        )
+        classes[member.name] = out.shape[-1]
+    if len(set(classes.values())) > 1:
+        raise ValueError(
+            f"members predict different numbers of classes {classes}; one bank's members "
+            "must share the task"
+        )
+
+
 def layer_specs(members, sample_input, rule: SharingRule):
     """Shared layers and per-member params of all members, in forward order."""
     layers, unshared = [], []
@@ -282,6 +298,7 @@ def budgeted(
     """
     key = jax.random.key(0) if key is None else key
     members = _members(models, sample_input, key)
+    check_outputs(members, sample_input)
     layers, unshared = layer_specs(members, sample_input, rule or SharingRule())
     clusters = initial_clusters(layers, bins)
     coefficients = (cluster_coefficients if shared_coefficients else own_coefficients)(

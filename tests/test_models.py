@@ -40,9 +40,16 @@ def test_create_members_builds_each_name_with_its_own_seed():
     assert not np.array_equal(pair["wrn-10-1"].stem.kernel[...], other["wrn-10-1"].stem.kernel[...])
 
 
-def test_create_members_rejects_duplicate_names():
-    with pytest.raises(ValueError, match="unique"):
-        create_members([ARCH, "wrn-16-1", ARCH], num_classes=10, in_channels=1, seed=0)
+def test_create_members_names_repeated_architectures_apart():
+    members = create_members([ARCH, "wrn-16-1", ARCH], num_classes=10, in_channels=1, seed=0)
+    assert list(members) == [f"{ARCH}_1", "wrn-16-1", f"{ARCH}_2"]
+    first, second = members[f"{ARCH}_1"].stem.kernel[...], members[f"{ARCH}_2"].stem.kernel[...]
+    assert first.shape == second.shape and not np.array_equal(first, second)
+
+
+def test_create_members_rejects_an_empty_list():
+    with pytest.raises(ValueError, match="at least one"):
+        create_members([], num_classes=10, in_channels=1, seed=0)
 
 
 def test_create_members_rejects_unknown_names():
