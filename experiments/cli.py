@@ -20,10 +20,25 @@ from flax import nnx
 import archs
 from experiments import augment
 from experiments.data import DATASET_NAMES, load_dataset, subset
+from experiments.ensemble import (
+    anytime_curve,
+    anytime_figure,
+    compose_flops,
+    ensemble_metrics,
+    flops_per_member,
+    parameter_saving,
+)
 from experiments.models import build_budgeted, build_dense, create_members
 from experiments.npas import SearchConfig, run_npas
 from experiments.plots import assignment_figure, similarity_figure
-from experiments.train import LoopConfig, OptimConfig, train
+from experiments.train import (
+    LoopConfig,
+    OptimConfig,
+    make_eval_step,
+    predict,
+    split_exits,
+    train,
+)
 from superweights import Budget, BudgetError, SharingRule
 
 DEFAULT_AUGMENTATION = {
@@ -247,7 +262,9 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         model = build_dense(modules)
         summary["trainable_params"] = model.trainable_params
         log(f"{config.arch} (dense, no sharing): {model.trainable_params:,} trainable parameters")
-        _, metrics = train(model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch)
+        state, metrics = train(
+            model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch
+        )
     else:
         rule = SharingRule(share_dense=config.share_dense)
         # Validate the budget against the initial clusters before any training.
@@ -269,7 +286,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
             log=log,
             on_epoch=on_epoch,
         )
-        model, metrics, result = run["model"], run["metrics"], run["search"]
+        model, state, metrics, result = run["model"], run["state"], run["metrics"], run["search"]
         if result is not None:
             log(search_summary(result, model.plan))
             log(f"final model:\n{model.report()}")
@@ -289,6 +306,8 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 similarity_figure(result, out / "similarity.png")
             assignment_figure(model.plan, out / "clusters.png")
     summary.update(metrics)
+    if len(modules) > 1:
+        summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(
@@ -296,6 +315,53 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         f"(train loss {metrics['train_loss']:.4f}, {metrics['time']:.1f}s)"
     )
     return summary
+
+
+def ensemble_summary(model, state, dataset, batch_size: int, out: Path | None, log) -> dict:
+    """Diversity, anytime curve (members cheapest first, against FLOPs) and parameter saving.
+
+    FLOPs are XLA's estimate for one batch of `batch_size` test images; a budgeted
+    ensemble pays the composition of its weights once per batch on top.
+    """
+    logits = predict(
+        make_eval_step(model), state.params, state.model_state, dataset.test_images, batch_size
+    )
+    finals, _ = split_exits(logits)
+    metrics = ensemble_metrics(finals, dataset.test_labels)
+    budgeted = hasattr(model, "plan")
+    member_params = jax.jit(model.member_params)(state.params) if budgeted else state.params
+    batch = jax.ShapeDtypeStruct((batch_size, *dataset.image_shape), jnp.float32)
+    flops = flops_per_member(model.members, member_params, state.model_state, batch)
+    compose_cost = compose_flops(model.plan) if budgeted else 0
+    curve = anytime_curve(finals, dataset.test_labels, flops, compose_cost=compose_cost)
+    params = model.plan.trainable_params if budgeted else model.trainable_params
+    full = model.plan.dense_params if budgeted else model.trainable_params
+    lines = [
+        f"ensemble of {len(finals)}: accuracy {metrics['accuracy']:.2%}, "
+        f"NLL {metrics['nll']:.3f}, diversity {metrics['diversity']:.3f}; "
+        f"{params:,} parameters, {parameter_saving(params, full):.1f}% fewer than the "
+        f"fully-parameterized ensemble ({full:,})",
+        f"anytime (batch of {batch_size}; composing the weights: {compose_cost:,} FLOPs, "
+        "counted once per batch):",
+    ]
+    lines += [
+        f"  {' + '.join(e['members'])}: {e['flops']:,} FLOPs, accuracy {e['accuracy']:.2%}"
+        for e in curve
+    ]
+    log("\n".join(lines))
+    if out:
+        anytime_figure(
+            {"SuperWeight ensemble" if budgeted else "ensemble": curve}, out / "anytime.png"
+        )
+    return {
+        "diversity": metrics["diversity"],
+        "ensemble_nll": metrics["nll"],
+        "fully_parameterized_params": full,
+        "parameter_saving_percent": parameter_saving(params, full),
+        "member_flops": flops,
+        "compose_flops": compose_cost,
+        "anytime": [dict(e, members=list(e["members"])) for e in curve],
+    }
 
 
 def arch_list(text: str, exits: bool = False) -> list[str]:
