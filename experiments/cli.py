@@ -19,6 +19,7 @@ from flax import nnx
 
 import archs
 from experiments import augment
+from experiments.checkpoint import Checkpoints, Interrupted, stop_requests
 from experiments.data import DATASET_NAMES, load_dataset, subset
 from experiments.ensemble import (
     anytime_curve,
@@ -34,12 +35,14 @@ from experiments.plots import assignment_figure, similarity_figure
 from experiments.train import (
     LoopConfig,
     OptimConfig,
+    abstract_train_state,
     make_eval_step,
     predict,
     split_exits,
     train,
 )
-from superweights import Budget, BudgetError, SharingRule
+from search import SearchResult
+from superweights import Budget, BudgetError, Plan, SharingRule, from_plan
 
 DEFAULT_AUGMENTATION = {
     "cifar10": "cifar",
@@ -67,6 +70,8 @@ class RunConfig:
     test_size: int | None = None
     augmentation: str = "auto"
     output_dir: str | None = None
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
     loop: LoopConfig = LoopConfig(epochs=15)
     optim: OptimConfig = OptimConfig()
     search: SearchConfig = SearchConfig()
@@ -119,6 +124,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default=None, help="write plan, metrics and summary here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=RunConfig.checkpoint_every,
+        help="save a checkpoint every N epochs (with --output-dir; 0: at the end)",
+    )
+    run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=RunConfig.keep_checkpoints,
+        help="how many checkpoints to keep",
+    )
     npas = run.add_argument_group("search and unsharing (budgeted models)")
     npas.add_argument(
         "--no-search",
@@ -178,6 +195,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         test_size=args.test_size,
         augmentation=args.augment,
         output_dir=args.output_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
         loop=LoopConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -242,15 +261,28 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     config = dataclasses.replace(config, augmentation=name, loop=loop)
 
     out = Path(config.output_dir) if config.output_dir else None
+    checkpoints, resumed = None, None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
+        resumed = resume_point(config, out, checkpoints, modules, sample, dataset, loop, log)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-        (out / "metrics.jsonl").write_text("")
+        first_epoch = resumed[2].epoch if resumed else 1
+        kept = []
+        if resumed and (out / "metrics.jsonl").exists():
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["epoch"] < first_epoch]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
     def on_epoch(metrics: dict) -> None:
         if out:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+    def on_search(result, final) -> None:
+        if out:
+            (out / "search.json").write_text(result.to_json())
+            similarity_figure(result, out / "similarity.png")
 
     log(
         f"training on {dataset.name}: {len(dataset.train_images):,} train / "
@@ -258,53 +290,70 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
     summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
-    if config.dense:
-        model = build_dense(modules)
-        summary["trainable_params"] = model.trainable_params
-        log(f"{config.arch} (dense, no sharing): {model.trainable_params:,} trainable parameters")
-        state, metrics = train(
-            model, dataset, loop, config.optim, progress=progress, on_epoch=on_epoch
+    with stop_requests() as should_stop:
+        common = dict(
+            progress=progress, on_epoch=on_epoch, checkpoints=checkpoints, should_stop=should_stop
         )
-    else:
-        rule = SharingRule(share_dense=config.share_dense)
-        # Validate the budget against the initial clusters before any training.
-        initial = build_budgeted(
-            modules, budget, sample, bins=config.bins, share_dense=config.share_dense
-        )
-        log(f"{config.arch} at budget {budget.describe()}; initial clusters:\n{initial.report()}\n")
-        run = run_npas(
-            modules,
-            dataset,
-            budget,
-            sample,
-            loop,
-            config.optim,
-            config.search,
-            bins=config.bins,
-            rule=rule,
-            progress=progress,
-            log=log,
-            on_epoch=on_epoch,
-        )
-        model, state, metrics, result = run["model"], run["state"], run["metrics"], run["search"]
-        if result is not None:
-            log(search_summary(result, model.plan))
-            log(f"final model:\n{model.report()}")
-        summary.update(
-            budget=budget.describe(),
-            search=result is not None,
-            trainable_params=model.plan.trainable_params,
-            unshare=run["unshare"],
-            tau=None if result is None else result.tau,
-            clusters=len(model.plan.clusters),
-        )
-        if out:
-            (out / "plan.json").write_text(model.plan.to_json())
-            (out / "report.txt").write_text(model.report() + "\n")
+        if config.dense:
+            model = resumed[0] if resumed else build_dense(modules)
+            summary["trainable_params"] = model.trainable_params
+            log(
+                f"{config.arch} (dense, no sharing): {model.trainable_params:,} trainable "
+                "parameters"
+            )
+            state, metrics = train(
+                model,
+                dataset,
+                loop,
+                config.optim,
+                resume=resumed[1:] if resumed else None,
+                checkpoint_every=config.checkpoint_every,
+                **common,
+            )
+        else:
+            rule = SharingRule(share_dense=config.share_dense)
+            # Validate the budget against the initial clusters before any training.
+            initial = build_budgeted(
+                modules, budget, sample, bins=config.bins, share_dense=config.share_dense
+            )
+            log(
+                f"{config.arch} at budget {budget.describe()}; initial clusters:\n"
+                f"{initial.report()}\n"
+            )
+            run = run_npas(
+                modules,
+                dataset,
+                budget,
+                sample,
+                loop,
+                config.optim,
+                config.search,
+                bins=config.bins,
+                rule=rule,
+                log=log,
+                on_search=on_search,
+                resume=resumed,
+                **common,
+            )
+            model, state, metrics = run["model"], run["state"], run["metrics"]
+            result = run["search"]
+            if result is None and out and (out / "search.json").exists() and resumed:
+                result = SearchResult.from_json((out / "search.json").read_text())
             if result is not None:
-                (out / "search.json").write_text(result.to_json())
-                similarity_figure(result, out / "similarity.png")
-            assignment_figure(model.plan, out / "clusters.png")
+                log(search_summary(result, model.plan))
+                log(f"final model:\n{model.report()}")
+            summary.update(
+                budget=budget.describe(),
+                search=result is not None,
+                trainable_params=model.plan.trainable_params,
+                unshare=run["unshare"],
+                tau=None if result is None else result.tau,
+                clusters=len(model.plan.clusters),
+            )
+            if out:
+                (out / "plan.json").write_text(model.plan.to_json())
+                (out / "report.txt").write_text(model.report() + "\n")
+                assignment_figure(model.plan, out / "clusters.png")
     summary.update(metrics)
     if len(modules) > 1:
         summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
@@ -315,6 +364,48 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         f"(train loss {metrics['train_loss']:.4f}, {metrics['time']:.1f}s)"
     )
     return summary
+
+
+def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop, log):
+    """`(model, state, position)` from the newest readable checkpoint in `out`, or None.
+
+    Refuses to resume a run made with another configuration.
+    """
+    if not checkpoints.steps():
+        return None
+    saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    for where in ("output_dir", "checkpoint_every", "keep_checkpoints"):  # not the results
+        saved.pop(where, None)
+        current.pop(where)
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise ValueError(
+            f"{out} holds checkpoints of a run with other settings ({', '.join(changed)}); "
+            "use the same options to resume it, or another --output-dir"
+        )
+
+    def model_for(meta: dict):
+        if config.dense:
+            return build_dense(modules)
+        return from_plan(Plan.from_json(meta["plan"]), modules, sample_input=sample)
+
+    models = {}
+
+    def abstract_state(meta: dict):
+        models["model"] = model_for(meta)
+        return abstract_train_state(models["model"], dataset, loop, config.optim)
+
+    restored = checkpoints.restore_latest(abstract_state, log=log)
+    if restored is None:
+        log(f"no readable checkpoint in {checkpoints.directory}; starting over")
+        return None
+    state, position, _ = restored
+    log(
+        f"resuming from step {int(state.step)} (epoch {position.epoch}, "
+        f"{position.batches_done} batches into it)"
+    )
+    return models["model"], state, position
 
 
 def ensemble_summary(model, state, dataset, batch_size: int, out: Path | None, log) -> dict:
@@ -405,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
             run_report(args)
         else:
             run_training(config_from_args(args), progress=not args.quiet)
+    except Interrupted as stopped:
+        print(f"npas: {stopped}", file=sys.stderr)
+        return 130
     except (BudgetError, ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"npas: error: {error}", file=sys.stderr)
         return 2

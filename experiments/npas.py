@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import search
+from experiments.checkpoint import Checkpoints, Position
 from experiments.data import Dataset, batches
 from experiments.train import LoopConfig, OptimConfig, TrainState, cross_entropy, train
 from superweights import Budget, BudgetedModel, BudgetError, budgeted
@@ -154,6 +155,7 @@ def run_search(
     rule=None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
     """Search phase: train the hard-shared model briefly, then split its clusters."""
     searcher = budgeted(
@@ -161,7 +163,13 @@ def run_search(
     )
     log(f"search phase: {config.search_epochs} epochs on the initial clusters")
     state, _ = train(
-        searcher, dataset, loop, optim, progress=progress, stop_after=config.search_epochs
+        searcher,
+        dataset,
+        loop,
+        optim,
+        progress=progress,
+        stop_after=config.search_epochs,
+        should_stop=should_stop,
     )
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
     grads = weight_gradients(searcher, state.params, state.model_state, sample)
@@ -185,15 +193,26 @@ def run_npas(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict], None] | None = None,
+    on_search: Callable[[search.SearchResult, BudgetedModel], None] | None = None,
+    checkpoints: Checkpoints | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> dict:
     """Search (unless `config.search` is off), then train the final model.
+
+    `on_search(result, final_model)` is called as soon as the search is done.
+    The final training saves to `checkpoints`; `resume=(model, state, position)`
+    skips the search and continues that final training where it stopped (the
+    search phase itself is not checkpointed: stopped there, it starts over).
 
     Returns `{"model", "state", "metrics", "search" (SearchResult or None),
     "searcher", "initial_plan", "unshare"}`; `model` is the final one, after
     unsharing.
     """
-    result, searcher, initial = None, None, None
-    if not config.search:
+    result, searcher, initial, resume_point = None, None, None, None
+    if resume is not None:
+        final, resume_point = resume[0], resume[1:]
+    elif not config.search:
         final = budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
     else:
         searcher, result, search_state = run_search(
@@ -208,6 +227,7 @@ def run_npas(
             rule=rule,
             progress=progress,
             log=log,
+            should_stop=should_stop,
         )
         plan = search.searched_plan(searcher.plan, result, budget)
         final = BudgetedModel(plan, searcher.members)
@@ -215,6 +235,8 @@ def run_npas(
             f"search: tau {result.tau:.2f}, {len(searcher.plan.clusters)} initial clusters -> "
             f"{len(result.clusters)}"
         )
+        if on_search:
+            on_search(result, final)
         if config.warm_start:
             params = warm_start_params(final, search_state.params, jax.random.key(loop.seed))
             initial = (params, search_state.model_state)
@@ -233,6 +255,9 @@ def run_npas(
         on_epoch=on_epoch,
         initial=initial,
         interventions=interventions,
+        checkpoints=checkpoints,
+        resume=resume_point,
+        should_stop=should_stop,
     )
     model = BudgetedModel(record["plan"], final.members) if "plan" in record else final
     return {

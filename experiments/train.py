@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments import augment as augmentation
+from experiments.checkpoint import Checkpoints, Interrupted, Position, order_generator
 from experiments.data import Dataset, batches, steps_per_epoch
 
 
@@ -107,6 +108,19 @@ def make_train_step(model, optimizer, augment: augmentation.Augmentation) -> Cal
     return step
 
 
+def abstract_train_state(model, dataset: Dataset, loop: LoopConfig, optim: OptimConfig):
+    """The shapes of `train`'s state for `model` (what a checkpoint restores into)."""
+    steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
+
+    def initial(key):
+        params, model_state = model.init(key)
+        mask = model.weight_decay_mask(params)
+        opt_state = make_optimizer(optim, steps * loop.epochs, mask).init(params)
+        return TrainState(jnp.array(0), params, model_state, opt_state, key)
+
+    return jax.eval_shape(initial, jax.random.key(0))
+
+
 def make_eval_step(model) -> Callable:
     """`eval_step(params, state, images) -> {member: logits}`, jit-compiled."""
 
@@ -183,6 +197,10 @@ def train(
     initial: tuple[Any, Any] | None = None,
     interventions: Mapping[int, Intervention] | None = None,
     stop_after: int | None = None,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 1,
+    resume: tuple[TrainState, Position] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainState, dict]:
     """Trains `model` on `dataset` and returns the final state and metrics.
 
@@ -200,6 +218,12 @@ def train(
         optimizer state passed back must match them).
       stop_after: end after this many epochs, the schedule still spanning
         `loop.epochs` (a search phase at the full learning rate).
+      checkpoints: where to save the state every `checkpoint_every` epochs, at
+        the end, and when `should_stop()` turns true (then `Interrupted` is
+        raised after saving).
+      resume: `(state, position)` from `Checkpoints.restore_latest`; training
+        goes on from there exactly as if never stopped. `model` must be the one
+        the state belongs to (after any unsharing it went through).
     """
     if loop.batch_size > len(dataset.train_images):
         raise ValueError(
@@ -223,7 +247,11 @@ def train(
 
     optimizer, train_step, eval_step = compile_steps(model, params)
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
-    order = np.random.default_rng(loop.seed)
+    position = None
+    if resume is not None:
+        state, position = resume
+    order = order_generator(loop.seed, position)
+    first_epoch = position.epoch if position else 1
 
     def evaluate(state: TrainState) -> dict:
         logits = predict(
@@ -231,26 +259,59 @@ def train(
         )
         return classification_metrics(logits, dataset.test_labels)
 
+    def save(state: TrainState, at: Position) -> None:
+        if checkpoints is not None:
+            finite = jax.tree_util.tree_map(lambda x: bool(jnp.isfinite(x).all()), state.params)
+            if not all(jax.tree_util.tree_leaves(finite)):
+                raise FloatingPointError(
+                    f"parameters became NaN or infinite by step {int(state.step)}; not saved, "
+                    f"the last good checkpoint is kept in {checkpoints.directory}"
+                )
+            extra = {"plan": model.plan.to_json()} if hasattr(model, "plan") else {}
+            checkpoints.save(state, at, extra)
+
     bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
-    metrics: dict = {}
-    start = time.perf_counter()
-    for epoch in range(1, last_epoch + 1):
-        losses = []
-        for images, labels in batches(
+    bar.update(int(state.step))
+    metrics: dict = dict(position.metrics) if position else {}
+    start = time.perf_counter() - metrics.get("time", 0.0)
+    for epoch in range(first_epoch, last_epoch + 1):
+        epoch_start = order.bit_generator.state
+        resuming = position is not None and epoch == position.epoch
+        done = position.batches_done if resuming else 0
+        losses = list(position.losses) if resuming else []
+        epoch_batches = batches(
             dataset.train_images,
             dataset.train_labels,
             loop.batch_size,
             rng=order,
             drop_remainder=True,
-        ):
+        )
+        for index, (images, labels) in enumerate(epoch_batches):
+            if index < done:
+                continue
             state, step_metrics = train_step(state, images, labels)
             losses.append(step_metrics["loss"])
             bar.update()
-        epoch_loss = float(np.mean(jax.device_get(losses)))
+            if should_stop is not None and should_stop():
+                bar.close()
+                host_losses = tuple(float(x) for x in jax.device_get(losses))
+                save(state, Position(epoch, index + 1, epoch_start, host_losses, metrics))
+                raise Interrupted(
+                    f"stopped at step {int(state.step)} (epoch {epoch}); "
+                    + ("checkpoint saved, " if checkpoints else "no checkpoint directory, ")
+                    + "run the same command again to resume"
+                )
+        epoch_loss = float(np.mean(np.asarray(jax.device_get(losses), np.float32)))
         if not math.isfinite(epoch_loss):
             bar.close()
+            kept = (
+                f"; the last good checkpoint is kept in {checkpoints.directory}"
+                if checkpoints
+                else ""
+            )
             raise FloatingPointError(
                 f"training loss became {epoch_loss} in epoch {epoch}; lower the learning rate"
+                + kept
             )
         if epoch in interventions:
             model, state = interventions[epoch](model, state)
@@ -261,5 +322,7 @@ def train(
         bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
         if on_epoch:
             on_epoch(metrics)
+        if epoch == last_epoch or (checkpoint_every and epoch % checkpoint_every == 0):
+            save(state, Position(epoch + 1, 0, order.bit_generator.state, (), metrics))
     bar.close()
     return state, metrics

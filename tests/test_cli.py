@@ -130,6 +130,7 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
     code, stdout, stderr, out = budgeted_run
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints",
         "clusters.png",
         "config.json",
         "metrics.jsonl",

@@ -1,0 +1,346 @@
+"""Accuracy against trainable parameters: SuperWeights and their baselines at several budgets.
+
+python -m experiments.budget_sweep --preset small                 # digits, 2 CPU cores
+python -m experiments.budget_sweep --preset cifar100 --data-dir ~/data/cifar-100-python
+
+At every feasible budget it trains (a) the SuperWeight model with the search, (b) the same
+with the initial clusters only, (c) the same Wide ResNet at the width whose parameter count is
+closest to (a)'s trainable parameters; and (d) the full model once (method.md section 10).
+All runs share the base config's recipe. Writes `results.csv`, `results.md` and
+`accuracy_vs_params.png` to `--output-dir`, and each run's own files under `runs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import io
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import archs  # noqa: E402
+from archs.registry import WRN_PATTERN  # noqa: E402
+from experiments import presets  # noqa: E402
+from experiments.cli import RunConfig, run_training  # noqa: E402
+from superweights import Budget, BudgetError  # noqa: E402
+
+METHODS = ("search", "no-search", "reduced-width", "full")
+LABELS = {
+    "search": "SuperWeights + search",
+    "no-search": "SuperWeights, no search",
+    "reduced-width": "reduced width",
+    "full": "full model",
+}
+COLUMNS = ("method", "budget", "arch", "trainable_params", "test_accuracy", "seconds")
+WIDTH_STEP = 1 / 64
+"""Grid of reduced widths: the 64k channels of the last stage change by one per step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A sweep: one base run (its recipe shared by every run) and the budgets to try."""
+
+    base: RunConfig
+    budgets: tuple[str, ...] = ("2%", "5%", "10%", "25%", "50%")
+
+
+SWEEPS = {
+    # WRN-28-1's smallest feasible budget is 13.8%: 5% is there to show the skip.
+    "small": SweepConfig(
+        base=presets.get("digits-wrn-28-1-b25"),
+        budgets=("5%", "15%", "25%", "50%"),
+    ),
+    # WRN-28-10's is 13.8% too: budgets below it are skipped with a note.
+    "cifar100": SweepConfig(
+        base=presets.get("cifar100-wrn-28-10-b25"),
+        budgets=("2%", "5%", "10%", "15%", "25%", "50%"),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One trained model's row of the results table."""
+
+    method: str
+    budget: str | None
+    arch: str
+    trainable_params: int
+    test_accuracy: float
+    seconds: float
+
+
+# --- budgets and the reduced-width baseline ---------------------------------------------------
+
+
+def feasible_budgets(base: RunConfig, budgets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`(budgets the model can meet, a note for each one it cannot)`."""
+    minimum, full = presets.minimum_budget(base)
+    kept, notes = [], []
+    for budget in budgets:
+        if Budget.parse(budget, base.scope).resolve(full) >= minimum:
+            kept.append(budget)
+            continue
+        notes.append(
+            f"skipped budget {budget}: below {base.arch}'s smallest feasible budget "
+            f"{minimum:,} = {minimum / full:.2%} ({base.scope} scope) with {base.bins} bins"
+        )
+    return kept, notes
+
+
+def wrn_params(depth: int, width: float, *, num_classes: int, in_channels: int) -> int:
+    """Trainable parameters of `wrn-<depth>-<width>`, from abstract shapes."""
+    model = nnx.eval_shape(
+        lambda: archs.create(
+            f"wrn-{depth}-1",
+            width=width,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+
+
+def closest_width(
+    param_count: Callable[[float], int], target: int, widths: Sequence[float]
+) -> float:
+    """The width among sorted `widths` whose `param_count` is closest to `target`.
+
+    `param_count` must increase with the width; it is bisected, so called O(log n) times.
+    Ties go to the smaller width.
+    """
+    count = functools.cache(param_count)
+    lo, hi = 0, len(widths) - 1
+    while lo < hi:  # the first width with count >= target (or the last one)
+        mid = (lo + hi) // 2
+        if count(widths[mid]) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == 0:
+        return widths[0]
+    below, above = widths[lo - 1], widths[lo]
+    return below if target - count(below) <= abs(count(above) - target) else above
+
+
+def width_name(depth: int, width: float) -> str:
+    """`wrn-28-1` for an integral width, `wrn-28-0.4375` otherwise."""
+    text = str(int(width)) if float(width).is_integer() else repr(float(width))
+    return f"wrn-{depth}-{text}"
+
+
+def reduced_width_arch(arch: str, target: int, *, num_classes: int, in_channels: int) -> str:
+    """The `wrn-D-k` (k on a 1/64 grid, at most `arch`'s own width) closest to `target` params."""
+    match = WRN_PATTERN.fullmatch(arch)
+    if not match:
+        raise ValueError(f"the reduced-width baseline needs a Wide ResNet (wrn-D-K); got {arch!r}")
+    depth, full_width = int(match[1]), float(match[2])
+    widths = [n * WIDTH_STEP for n in range(1, round(full_width / WIDTH_STEP) + 1)]
+    count = functools.partial(wrn_params, depth, num_classes=num_classes, in_channels=in_channels)
+    return width_name(depth, closest_width(count, target, widths))
+
+
+# --- the runs ----------------------------------------------------------------------------------
+
+
+def budget_slug(budget: str) -> str:
+    """`"15%"` -> `"b15"`, `"1.5M"` -> `"b1.5M"`: a folder name."""
+    return "b" + re.sub(r"[^0-9A-Za-z.]", "", budget)
+
+
+def method_config(base: RunConfig, method: str, budget: str | None, arch: str) -> RunConfig:
+    """`base` set up for one method; only the model and budget change, never the recipe."""
+    if method == "search" or method == "no-search":
+        search = dataclasses.replace(base.search, search=method == "search")
+        return dataclasses.replace(base, arch=arch, budget=budget, dense=False, search=search)
+    return dataclasses.replace(base, arch=arch, dense=True)
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    output_dir: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> list[Result]:
+    """Trains every method at every feasible budget, then the full model; writes the results."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = sweep.base
+    shape, num_classes = presets.DATA_SHAPES[base.dataset]
+    budgets, notes = feasible_budgets(base, sweep.budgets)
+    for note in notes:
+        log(note)
+    if not budgets:
+        raise BudgetError(f"no budget of {list(sweep.budgets)} is feasible for {base.arch}")
+    total = 3 * len(budgets) + 1
+    results: list[Result] = []
+
+    def run(method: str, budget: str | None, arch: str) -> Result:
+        name = method if budget is None else f"{method}-{budget_slug(budget)}"
+        config = method_config(base, method, budget, arch)
+        config = dataclasses.replace(config, output_dir=str(out / "runs" / name))
+        log(f"[{len(results) + 1}/{total}] {LABELS[method]}, {arch}, budget {budget or '-'}")
+        start = time.perf_counter()
+        summary = run_training(config, progress=verbose, log=log if verbose else _silent)
+        result = Result(
+            method,
+            budget,
+            arch,
+            summary["trainable_params"],
+            summary["test_accuracy"],
+            time.perf_counter() - start,
+        )
+        log(
+            f"    {result.trainable_params:,} trainable params, test accuracy "
+            f"{result.test_accuracy:.2%} ({result.seconds:.0f}s)"
+        )
+        results.append(result)
+        return result
+
+    for budget in budgets:
+        searched = run("search", budget, base.arch)
+        run("no-search", budget, base.arch)
+        reduced = reduced_width_arch(
+            base.arch, searched.trainable_params, num_classes=num_classes, in_channels=shape[2]
+        )
+        run("reduced-width", budget, reduced)
+    run("full", None, base.arch)
+    write_results(results, notes, out)
+    log(markdown_table(results))
+    return results
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def results_csv(results: Sequence[Result]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        row = dataclasses.asdict(result)
+        writer.writerow(row | {"budget": result.budget or "", "seconds": f"{result.seconds:.1f}"})
+    return buffer.getvalue()
+
+
+def method_label(result: Result) -> str:
+    if result.method in ("reduced-width", "full"):
+        return f"{LABELS[result.method]} ({result.arch})"
+    return LABELS[result.method]
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """| method | budget | trainable params | test accuracy |, one row per run."""
+    lines = [
+        "| method | budget | trainable params | test accuracy |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {method_label(r)} | {r.budget or '-'} | {r.trainable_params:,} | "
+        f"{r.test_accuracy:.2%} |"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
+def accuracy_figure(results: Sequence[Result], path: str | Path) -> Path:
+    """Test accuracy against trainable parameters (log x): one line per method, the full
+    model as a point and a dashed horizontal line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    for method in METHODS[:3]:
+        rows = sorted((r for r in results if r.method == method), key=lambda r: r.trainable_params)
+        if rows:
+            ax.plot(
+                [r.trainable_params for r in rows],
+                [100 * r.test_accuracy for r in rows],
+                marker="o",
+                label=LABELS[method],
+            )
+    for r in results:
+        if r.method == "full":
+            ax.axhline(100 * r.test_accuracy, color="black", linestyle="--", linewidth=0.8)
+            ax.plot(r.trainable_params, 100 * r.test_accuracy, "k*", markersize=10)
+            ax.plot([], [], "k*--", label=f"{LABELS['full']} ({r.arch})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_results(results: Sequence[Result], notes: Sequence[str], out: Path) -> None:
+    """`results.csv`, `results.md` (the table, then the notes) and `accuracy_vs_params.png`."""
+    (out / "results.csv").write_text(results_csv(results))
+    text = markdown_table(results) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    (out / "results.md").write_text(text)
+    accuracy_figure(results, out / "accuracy_vs_params.png")
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.budget_sweep", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", default="small", choices=sorted(SWEEPS))
+    parser.add_argument("--output-dir", default=None, help="default: runs/budget-sweep-<preset>")
+    parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
+    parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 15%%,25%%")
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--verbose", action="store_true", help="every run's own log")
+    return parser.parse_args(argv)
+
+
+def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
+    sweep = SWEEPS[args.preset]
+    base = sweep.base
+    if args.data_dir is not None:
+        base = presets.with_overrides(base, data_dir=args.data_dir)
+    if args.epochs is not None:
+        base = presets.with_overrides(base, loop={"epochs": args.epochs})
+    budgets = sweep.budgets
+    if args.budgets:
+        budgets = tuple(b.strip() for b in args.budgets.split(","))
+    return SweepConfig(base=base, budgets=budgets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    output_dir = args.output_dir or f"runs/budget-sweep-{args.preset}"
+    start = time.perf_counter()
+    try:
+        run_sweep(sweep_from_args(args), output_dir, verbose=args.verbose)
+    except (BudgetError, ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"budget_sweep: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {output_dir}/results.csv, results.md, accuracy_vs_params.png")
+    print(f"sweep wall time: {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

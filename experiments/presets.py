@@ -1,0 +1,169 @@
+"""Named run configurations: the paper's CIFAR settings and small CPU ones of the same shape.
+
+    from experiments import presets
+    from experiments.cli import run_training
+
+    config = presets.with_overrides(presets.get("cifar100-wrn-28-10-b25"), data_dir="~/data")
+    run_training(config)
+
+Paper presets (method.md section 9) need `data_dir`; the small ones (digits, embedded, and
+Fashion-MNIST subsets) run in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import superweights
+from experiments.cli import RunConfig, arch_list
+from experiments.models import create_members
+from experiments.npas import SearchConfig
+from experiments.train import LoopConfig, OptimConfig
+from superweights import Budget, SharingRule
+
+DATA_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((8, 8, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "fashion_mnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+}
+"""`{dataset: (image shape (h, w, c), classes)}`, for planning without loading the data."""
+
+PAPER_LOOP = LoopConfig(epochs=200, batch_size=128)
+PAPER_OPTIM = OptimConfig(
+    learning_rate=0.1, momentum=0.9, weight_decay=5e-4, milestones=(0.3, 0.6, 0.8), decay=0.2
+)
+PAPER_SEARCH = SearchConfig(search_epochs=20, unshare_epoch=10)
+PAPER_BUDGETS = (15, 25, 50)
+"""Percent of WRN-28-10's shared kernels (banks scope); its minimum with 4 bins is 13.8%."""
+
+ENSEMBLE = "wrn-28-7,wrn-28-4,wrn-16-7,wrn-16-4"
+MULTI_WIDTH = "wrn-28-7,wrn-28-4,wrn-28-3"
+DIGITS_ENSEMBLE = "wrn-28-1,wrn-22-1,wrn-16-1,wrn-10-1"
+DIGITS_MULTI_WIDTH = "wrn-16-3,wrn-16-2,wrn-16-1"
+
+SMALL_LOOP = LoopConfig(epochs=15, batch_size=128)
+SMALL_SEARCH = SearchConfig(search_epochs=3, unshare_epoch=1)
+FASHION_SIZES = {"train_size": 6000, "test_size": 2000}
+
+
+def paper(dataset: str, arch: str, budget: str, scope: str = "banks") -> RunConfig:
+    """The paper's CIFAR recipe: 200 epochs, search 20, unshare at 10; `data_dir` left to you."""
+    return RunConfig(
+        arch=arch,
+        dataset=dataset,
+        data_dir=None,
+        budget=budget,
+        scope=scope,
+        loop=PAPER_LOOP,
+        optim=PAPER_OPTIM,
+        search=PAPER_SEARCH,
+    )
+
+
+def small(dataset: str, arch: str, budget: str, scope: str = "banks", **sizes) -> RunConfig:
+    """The same recipe shortened to 15 epochs (search 3, unshare at 1) for a CPU."""
+    return RunConfig(
+        arch=arch,
+        dataset=dataset,
+        budget=budget,
+        scope=scope,
+        loop=SMALL_LOOP,
+        optim=PAPER_OPTIM,
+        search=SMALL_SEARCH,
+        **sizes,
+    )
+
+
+def _presets() -> dict[str, RunConfig]:
+    configs = {}
+    for dataset in ("cifar100", "cifar10"):
+        for percent in PAPER_BUDGETS:
+            configs[f"{dataset}-wrn-28-10-b{percent}"] = paper(dataset, "wrn-28-10", f"{percent}%")
+    configs["cifar100-ensemble-18m"] = paper("cifar100", ENSEMBLE, "18M", scope="model")
+    configs["cifar100-multiwidth-18m"] = paper("cifar100", MULTI_WIDTH, "18M", scope="model")
+    for percent in (15, 25, 50):
+        configs[f"digits-wrn-28-1-b{percent}"] = small("digits", "wrn-28-1", f"{percent}%")
+    configs["digits-ensemble"] = small("digits", DIGITS_ENSEMBLE, "83%", scope="model")
+    configs["digits-multiwidth"] = small("digits", DIGITS_MULTI_WIDTH, "50%", scope="model")
+    configs["fashion_mnist-wrn-16-1-b50"] = small(
+        "fashion_mnist", "wrn-16-1", "50%", **FASHION_SIZES
+    )
+    configs["fashion_mnist-ensemble"] = small(
+        "fashion_mnist", "wrn-16-1,wrn-10-1", "90%", scope="model", **FASHION_SIZES
+    )
+    return configs
+
+
+PRESETS: dict[str, RunConfig] = _presets()
+
+
+def names() -> list[str]:
+    """Every preset's name, sorted."""
+    return sorted(PRESETS)
+
+
+def get(name: str) -> RunConfig:
+    """The preset called `name`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(names())}")
+    return PRESETS[name]
+
+
+def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
+    """`config` with fields replaced; a nested config field also takes a dict of its fields.
+
+    with_overrides(config, data_dir="~/data", loop={"epochs": 10})
+    """
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; {type(config).__name__} has {sorted(fields)}")
+    changes = {}
+    for name, value in overrides.items():
+        current = getattr(config, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = with_overrides(current, **value)
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
+
+
+def minimum_budget(config: RunConfig) -> tuple[int, int]:
+    """`(smallest feasible budget, full size)` of `config`'s model(s), in its scope.
+
+    Planned on abstract shapes (`nnx.eval_shape`): nothing is allocated or trained.
+    """
+    if config.dataset not in DATA_SHAPES:
+        raise ValueError(f"no image shape known for dataset {config.dataset!r}")
+    shape, num_classes = DATA_SHAPES[config.dataset]
+    modules = nnx.eval_shape(
+        lambda: create_members(
+            arch_list(config.arch, config.exits),
+            num_classes=num_classes,
+            in_channels=shape[2],
+            seed=0,
+            **({"exits": True} if config.exits else {}),
+        )
+    )
+    plan = superweights.budgeted(
+        modules,
+        Budget(params=2**62, scope=config.scope),  # anything feasible: only the minimum is read
+        sample_input=jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+        bins=config.bins,
+        rule=SharingRule(share_dense=config.share_dense),
+        fill=False,
+    ).plan
+    full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
+    return plan.minimum_budget, full
+
+
+def budget_params(config: RunConfig) -> tuple[int, int]:
+    """`(budget in parameters, smallest feasible budget)` of `config`, in its scope."""
+    minimum, full = minimum_budget(config)
+    return Budget.parse(config.budget, config.scope).resolve(full), minimum

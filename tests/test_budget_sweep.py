@@ -1,0 +1,215 @@
+import csv
+import dataclasses
+import random
+
+import pytest
+
+from experiments import budget_sweep, presets
+from experiments.budget_sweep import (
+    COLUMNS,
+    Result,
+    SweepConfig,
+    closest_width,
+    feasible_budgets,
+    method_config,
+    reduced_width_arch,
+    width_name,
+    wrn_params,
+)
+
+# wrn-10-1 on digits: the smallest feasible banks budget is 66%, so 10% is skipped.
+TINY = presets.with_overrides(
+    presets.get("digits-wrn-28-1-b25"),
+    arch="wrn-10-1",
+    train_size=128,
+    test_size=64,
+    loop={"epochs": 1, "batch_size": 32},
+    search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 0},
+)
+BUDGETS = ("10%", "70%", "90%")
+EXPECTED_ROWS = [
+    ("search", "70%"),
+    ("no-search", "70%"),
+    ("reduced-width", "70%"),
+    ("search", "90%"),
+    ("no-search", "90%"),
+    ("reduced-width", "90%"),
+    ("full", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    lines: list[str] = []
+    results = budget_sweep.run_sweep(SweepConfig(TINY, BUDGETS), out, log=lines.append)
+    return results, out, lines
+
+
+def digits_wrn_params(depth: int, width: float) -> int:
+    return wrn_params(depth, width, num_classes=10, in_channels=1)
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def test_sweep_writes_the_csv_with_one_row_per_run(sweep):
+    results, out, _ = sweep
+    with (out / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == COLUMNS
+    assert [(r["method"], r["budget"]) for r in rows] == EXPECTED_ROWS
+    for row, result in zip(rows, results, strict=True):
+        assert int(row["trainable_params"]) == result.trainable_params > 0
+        assert 0.0 <= float(row["test_accuracy"]) <= 1.0
+        assert float(row["seconds"]) > 0
+    archs = [r["arch"] for r in rows]
+    assert archs[:2] == archs[3:5] == ["wrn-10-1"] * 2 and archs[-1] == "wrn-10-1"
+    assert all(a.startswith("wrn-10-") and a != "wrn-10-1" for a in (archs[2], archs[5]))
+
+
+def test_sweep_budgets_and_baselines_have_the_expected_sizes(sweep):
+    results, _, _ = sweep
+    by_key = {(r.method, r.budget): r for r in results}
+    full = by_key["full", None]
+    assert full.trainable_params == digits_wrn_params(10, 1)
+    assert by_key["search", "70%"].trainable_params < by_key["search", "90%"].trainable_params
+    for budget in ("70%", "90%"):
+        searched = by_key["search", budget].trainable_params
+        reduced = by_key["reduced-width", budget]
+        assert reduced.trainable_params == digits_wrn_params(10, float(reduced.arch.split("-")[2]))
+        assert abs(reduced.trainable_params - searched) < 0.05 * searched
+        assert searched < full.trainable_params
+
+
+def test_sweep_writes_the_markdown_table_and_the_figure(sweep):
+    results, out, lines = sweep
+    text = (out / "results.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| method | budget | trainable params | test accuracy |"
+    assert len(table) == 2 + len(EXPECTED_ROWS)
+    assert table[2].startswith("| SuperWeights + search | 70% | ")
+    assert table[-1].startswith(f"| full model (wrn-10-1) | - | {results[-1].trainable_params:,} |")
+    assert all(line.endswith("% |") for line in table[2:])
+    assert "\n".join(table) in "\n".join(lines)  # the table is printed too
+    png = (out / "accuracy_vs_params.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (out / "runs" / "search-b70" / "summary.json").exists()
+
+
+def test_sweep_skips_infeasible_budgets_with_a_note(sweep):
+    results, out, lines = sweep
+    assert "10%" not in {r.budget for r in results}
+    note = "skipped budget 10%: below wrn-10-1's smallest feasible budget 50,432 = 65.98%"
+    assert lines[0].startswith(note)
+    assert f"- {note}" in (out / "results.md").read_text()
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress[0] == "[1/7] SuperWeights + search, wrn-10-1, budget 70%"
+    assert progress[-1] == "[7/7] full model, wrn-10-1, budget -"
+
+
+def test_feasible_budgets_keeps_the_order_and_notes_the_minimum():
+    base = presets.get("digits-wrn-28-1-b25")
+    kept, notes = feasible_budgets(base, ("2%", "15%", "5%", "50%", "200k"))
+    assert kept == ["15%", "50%", "200k"]
+    assert [n.split(":")[0] for n in notes] == ["skipped budget 2%", "skipped budget 5%"]
+    assert "50,432 = 13.75% (banks scope) with 4 bins" in notes[0]
+
+
+def test_no_feasible_budget_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no budget"):
+        budget_sweep.run_sweep(SweepConfig(TINY, ("5%",)), tmp_path, log=lambda _: None)
+
+
+# --- the reduced-width solver ------------------------------------------------------------------
+
+
+def test_closest_width_matches_brute_force_on_a_wrn_grid():
+    widths = [n / 64 for n in range(1, 65)]
+    counts = [digits_wrn_params(10, w) for w in widths]
+    assert counts == sorted(set(counts))  # increasing, as the bisection needs
+    calls = []
+
+    def count(width: float) -> int:
+        calls.append(width)
+        return digits_wrn_params(10, width)
+
+    for target in (1, 5_000, 20_000, 53_210, 60_000, counts[-1], 10**7):
+        best = min(range(len(widths)), key=lambda i: (abs(counts[i] - target), i))
+        calls.clear()
+        assert closest_width(count, target, widths) == widths[best]
+        assert len(calls) <= 9  # bisection: O(log n) evaluations, cached
+        arch = reduced_width_arch("wrn-10-1", target, num_classes=10, in_channels=1)
+        assert arch == width_name(10, widths[best])
+
+
+def test_closest_width_against_brute_force_on_random_increasing_counts():
+    rng = random.Random(0)
+    for _ in range(200):
+        widths = sorted(rng.sample(range(1, 1000), rng.randint(1, 30)))
+        table = dict(zip(widths, sorted(rng.sample(range(10**6), len(widths))), strict=True))
+        target = rng.randint(-10, 10**6 + 10)
+        best = min(widths, key=lambda w: (abs(table[w] - target), w))
+        assert closest_width(table.__getitem__, target, widths) == best
+
+
+def test_closest_width_breaks_ties_towards_the_smaller_width():
+    assert closest_width(lambda w: 10 * w, 15, [1, 2, 3]) == 1
+
+
+def test_reduced_width_is_never_wider_than_the_model():
+    assert reduced_width_arch("wrn-16-2", 10**9, num_classes=10, in_channels=1) == "wrn-16-2"
+
+
+def test_reduced_width_needs_a_wide_resnet():
+    with pytest.raises(ValueError, match="Wide ResNet"):
+        reduced_width_arch("resnet-18", 1000, num_classes=10, in_channels=3)
+    with pytest.raises(ValueError, match="Wide ResNet"):
+        reduced_width_arch("wrn-16-1,wrn-10-1", 1000, num_classes=10, in_channels=3)
+
+
+@pytest.mark.parametrize(
+    ("width", "name"), [(1, "wrn-28-1"), (10.0, "wrn-28-10"), (0.4375, "wrn-28-0.4375")]
+)
+def test_width_name(width, name):
+    assert width_name(28, width) == name
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def test_every_method_keeps_the_base_recipe():
+    base = presets.get("cifar100-wrn-28-10-b25")
+    for method, budget, arch in [
+        ("search", "15%", "wrn-28-10"),
+        ("no-search", "15%", "wrn-28-10"),
+        ("reduced-width", "15%", "wrn-28-3.5"),
+        ("full", None, "wrn-28-10"),
+    ]:
+        config = method_config(base, method, budget, arch)
+        assert (config.loop, config.optim, config.dataset) == (base.loop, base.optim, base.dataset)
+        assert config.arch == arch and config.dense == (method in ("reduced-width", "full"))
+        if not config.dense:
+            assert config.budget == budget and config.search.search == (method == "search")
+            rest = dataclasses.replace(config.search, search=base.search.search)
+            assert rest == base.search
+
+
+def test_sweep_presets_and_command_line_overrides():
+    assert budget_sweep.SWEEPS["small"].base.dataset == "digits"
+    assert budget_sweep.SWEEPS["cifar100"].base == presets.get("cifar100-wrn-28-10-b25")
+    args = budget_sweep.parse_args(
+        ["--preset", "cifar100", "--data-dir", "/data", "--budgets", "15%, 50%", "--epochs", "2"]
+    )
+    sweep = budget_sweep.sweep_from_args(args)
+    assert sweep.budgets == ("15%", "50%")
+    assert sweep.base.data_dir == "/data" and sweep.base.loop.epochs == 2
+    assert sweep.base.loop.batch_size == 128
+
+
+def test_results_csv_leaves_the_full_models_budget_empty():
+    text = budget_sweep.results_csv([Result("full", None, "wrn-10-1", 7, 0.5, 1.25)])
+    assert text == "method,budget,arch,trainable_params,test_accuracy,seconds\n" + (
+        "full,,wrn-10-1,7,0.5,1.2\n"
+    )

@@ -1,0 +1,196 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.checkpoint import Checkpoints, Interrupted
+from experiments.data import load_digits, subset
+from experiments.models import build_budgeted, create_members
+from experiments.train import LoopConfig, OptimConfig, abstract_train_state, train
+from superweights import Budget
+
+LOOP = LoopConfig(epochs=3, batch_size=32, eval_batch_size=64, seed=3)
+OPTIM = OptimConfig()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return subset(load_digits(), 128, 64)  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def model():
+    modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
+    return build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
+
+
+def stop_after(steps: int):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) >= steps
+
+    return should_stop
+
+
+def leaves_equal(a, b) -> bool:
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+
+
+def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
+    digits, model, tmp_path
+):
+    reference, reference_metrics = train(model, digits, LOOP, OPTIM, progress=False)
+
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    with pytest.raises(Interrupted, match="step 6"):
+        train(
+            model,
+            digits,
+            LOOP,
+            OPTIM,
+            progress=False,
+            checkpoints=checkpoints,
+            should_stop=stop_after(6),
+        )  # mid-epoch 2
+    state, position, _ = checkpoints.restore_latest(
+        lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
+    )
+    assert int(state.step) == 6 and (position.epoch, position.batches_done) == (2, 2)
+    resumed, metrics = train(
+        model,
+        digits,
+        LOOP,
+        OPTIM,
+        progress=False,
+        checkpoints=checkpoints,
+        resume=(state, position),
+    )
+
+    assert int(resumed.step) == int(reference.step) == 12
+    assert leaves_equal(resumed.params, reference.params)
+    assert leaves_equal(resumed.opt_state, reference.opt_state)
+    assert leaves_equal(resumed.model_state, reference.model_state)
+    for key in ("train_loss", "test_accuracy", "test_nll/wrn-10-1"):
+        assert metrics[key] == reference_metrics[key], key
+
+
+def test_checkpoints_are_kept_every_n_epochs_and_pruned(digits, model, tmp_path):
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=2)
+    loop = LoopConfig(epochs=4, batch_size=32, eval_batch_size=64)
+    train(model, digits, loop, OPTIM, progress=False, checkpoints=checkpoints, checkpoint_every=1)
+    assert checkpoints.steps() == [12, 16]  # 4 steps an epoch; the last two kept
+
+
+def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(digits, model, tmp_path):
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=3)
+    train(model, digits, LOOP, OPTIM, progress=False, checkpoints=checkpoints)
+    assert checkpoints.steps() == [4, 8, 12]
+    for path in (tmp_path / "ckpt" / "12").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    messages = []
+    state, position, _ = checkpoints.restore_latest(
+        lambda meta: abstract_train_state(model, digits, LOOP, OPTIM), log=messages.append
+    )
+    assert int(state.step) == 8 and position.epoch == 3
+    assert len(messages) == 1 and "step 12" in messages[0] and "unreadable" in messages[0]
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(digits, model, tmp_path):
+    def poison(model, state):
+        nan = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), state.params)
+        return model, state._replace(params=nan)
+
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train(
+            model,
+            digits,
+            LOOP,
+            OPTIM,
+            progress=False,
+            checkpoints=checkpoints,
+            interventions={2: poison},
+        )
+    assert checkpoints.steps() == [4]
+    state, _, _ = checkpoints.restore_latest(
+        lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
+    )
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(state.params))
+
+
+def npas_command(out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "train",
+        "--quiet",
+        "--arch",
+        "wrn-10-1",
+        "--budget",
+        "80%",
+        "--train-size",
+        "512",
+        "--test-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "4",
+        "--search-epochs",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_result(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(
+        npas_command(tmp_path / "whole"), check=True, cwd=REPO, env=env, capture_output=True
+    )
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(
+        npas_command(out),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not any((out / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
+        time.sleep(0.2)  # the final model has finished an epoch
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.fail("the run finished before the signal reached it; give it more epochs")
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    assert not (out / "summary.json").exists()
+
+    resumed = subprocess.run(npas_command(out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
+        assert summary[key] == whole[key], key
+    epochs = [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == list(range(1, 5))

@@ -1,0 +1,102 @@
+import dataclasses
+
+import pytest
+
+from experiments import presets
+from experiments.cli import RunConfig, arch_list
+from experiments.data import DATASET_NAMES
+from superweights import Budget
+
+PAPER = [name for name in presets.names() if name.startswith("cifar")]
+SMALL = [name for name in presets.names() if not name.startswith("cifar")]
+
+
+def test_names_are_sorted_unique_and_cover_both_kinds():
+    names = presets.names()
+    assert names == sorted(set(names)) and len(names) == len(presets.PRESETS)
+    for percent in (15, 25, 50):
+        assert f"cifar100-wrn-28-10-b{percent}" in names
+        assert f"cifar10-wrn-28-10-b{percent}" in names
+    assert {"cifar100-ensemble-18m", "cifar100-multiwidth-18m"} <= set(names)
+    assert {"digits-wrn-28-1-b25", "digits-ensemble"} <= set(names)
+    assert any(name.startswith("fashion_mnist-") for name in names)
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_builds_a_valid_run_config(name):
+    config = presets.get(name)
+    assert isinstance(config, RunConfig)
+    assert config.dataset in DATASET_NAMES and config.dataset in presets.DATA_SHAPES
+    assert arch_list(config.arch)
+    Budget.parse(config.budget, config.scope)
+    assert config.data_dir is None  # given by the user (digits needs none)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.budget = "1%"
+
+
+def test_unknown_name_lists_the_known_names():
+    with pytest.raises(ValueError, match="unknown preset 'cifar1000'") as info:
+        presets.get("cifar1000")
+    for name in presets.names():
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_use_the_paper_recipe(name):
+    config = presets.get(name)
+    assert config.dataset in ("cifar10", "cifar100")
+    assert (config.loop.epochs, config.loop.batch_size) == (200, 128)
+    optim = config.optim
+    assert (optim.learning_rate, optim.momentum, optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert optim.milestones == (0.3, 0.6, 0.8) and optim.decay == 0.2
+    assert [round(m * 200) for m in optim.milestones] == [60, 120, 160]
+    assert config.search.search and config.search.search_epochs == 20
+    assert config.search.unshare_epoch == 10
+    assert config.augmentation == "auto" and not config.dense
+    assert config.train_size is None and config.test_size is None
+
+
+def test_paper_ensembles_count_the_whole_model():
+    ensemble = presets.get("cifar100-ensemble-18m")
+    assert arch_list(ensemble.arch) == ["wrn-28-7", "wrn-28-4", "wrn-16-7", "wrn-16-4"]
+    multi_width = presets.get("cifar100-multiwidth-18m")
+    assert arch_list(multi_width.arch) == ["wrn-28-7", "wrn-28-4", "wrn-28-3"]
+    for config in (ensemble, multi_width):
+        assert (config.scope, config.budget) == ("model", "18M")
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_budgets_are_feasible(name):
+    """Planned on abstract shapes with the data set's image shape: no weights, no data."""
+    params, minimum = presets.budget_params(presets.get(name))
+    assert params >= minimum
+
+
+def test_wrn_28_10_minimum_matches_the_documented_13_8_percent():
+    minimum, full = presets.minimum_budget(presets.get("cifar100-wrn-28-10-b15"))
+    assert 0.138 < minimum / full < 0.139
+    params, _ = presets.budget_params(presets.get("cifar100-wrn-28-10-b15"))
+    assert params >= minimum
+
+
+def test_minimum_budget_rises_above_an_infeasible_budget():
+    config = presets.with_overrides(presets.get("digits-wrn-28-1-b15"), budget="10%")
+    params, minimum = presets.budget_params(config)
+    assert params < minimum
+
+
+def test_with_overrides_replaces_fields_and_merges_nested_configs():
+    base = presets.get("cifar100-wrn-28-10-b25")
+    config = presets.with_overrides(base, data_dir="/data", loop={"epochs": 3})
+    assert config.data_dir == "/data" and config.loop.epochs == 3
+    assert config.loop.batch_size == base.loop.batch_size  # the rest of the loop is kept
+    assert base.data_dir is None and base.loop.epochs == 200  # the preset is untouched
+    same = presets.with_overrides(base, optim=base.optim)
+    assert same == base
+
+
+def test_with_overrides_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="epochs"):
+        presets.with_overrides(presets.get("digits-ensemble"), epochs=3)
+    with pytest.raises(ValueError, match="lr"):
+        presets.with_overrides(presets.get("digits-ensemble"), optim={"lr": 0.1})
