@@ -100,6 +100,7 @@ def feasible_budgets(base: RunConfig, budgets: Sequence[str]) -> tuple[list[str]
     return kept, notes
 
 
+@functools.cache
 def wrn_params(depth: int, width: float, *, num_classes: int, in_channels: int) -> int:
     """Trainable parameters of `wrn-<depth>-<width>`, from abstract shapes."""
     model = nnx.eval_shape(
@@ -175,8 +176,12 @@ def run_sweep(
     *,
     log: Callable[[str], None] = print,
     verbose: bool = False,
+    keep_runs: bool = True,
 ) -> list[Result]:
-    """Trains every method at every feasible budget, then the full model; writes the results."""
+    """Trains every method at every feasible budget, then the full model; writes the results.
+
+    With `keep_runs`, each run's own files (plan, metrics, figures) go to `runs/<method-budget>`.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = sweep.base
@@ -192,7 +197,8 @@ def run_sweep(
     def run(method: str, budget: str | None, arch: str) -> Result:
         name = method if budget is None else f"{method}-{budget_slug(budget)}"
         config = method_config(base, method, budget, arch)
-        config = dataclasses.replace(config, output_dir=str(out / "runs" / name))
+        run_dir = str(out / "runs" / name) if keep_runs else None
+        config = dataclasses.replace(config, output_dir=run_dir)
         log(f"[{len(results) + 1}/{total}] {LABELS[method]}, {arch}, budget {budget or '-'}")
         start = time.perf_counter()
         summary = run_training(config, progress=verbose, log=log if verbose else _silent)

@@ -8,6 +8,7 @@ npas report --arch wrn-28-10 --num-classes 100 --image-shape 32,32,3 --budget 5M
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import sys
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import archs
-from experiments import augment
+from experiments import augment, distributed
 from experiments.checkpoint import Checkpoints, Interrupted, stop_requests
 from experiments.data import DATASET_NAMES, load_dataset, subset
 from experiments.ensemble import (
@@ -124,6 +125,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default=None, help="write plan, metrics and summary here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--coordinator",
+        default=None,
+        help="multi-host: address:port of process 0 (or NPAS_COORDINATOR)",
+    )
+    run.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="multi-host: number of processes (or NPAS_NUM_PROCESSES)",
+    )
+    run.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="multi-host: this process's index (or NPAS_PROCESS_ID)",
+    )
     run.add_argument(
         "--checkpoint-every",
         type=int,
@@ -359,11 +377,22 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_csv(out / "metrics.jsonl", out / "metrics.csv")
     log(
         f"final test accuracy: {metrics['test_accuracy']:.2%} "
         f"(train loss {metrics['train_loss']:.4f}, {metrics['time']:.1f}s)"
     )
     return summary
+
+
+def write_csv(jsonl: Path, csv_path: Path) -> None:
+    """The per-epoch metrics as CSV, one column per metric seen in any epoch."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop, log):
@@ -495,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             run_report(args)
         else:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
             run_training(config_from_args(args), progress=not args.quiet)
     except Interrupted as stopped:
         print(f"npas: {stopped}", file=sys.stderr)

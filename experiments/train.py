@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments import augment as augmentation
+from experiments import distributed
 from experiments.checkpoint import Checkpoints, Interrupted, Position, order_generator
 from experiments.data import Dataset, batches, steps_per_epoch
 
@@ -246,10 +247,14 @@ def train(
         )
 
     optimizer, train_step, eval_step = compile_steps(model, params)
+    mesh = distributed.data_mesh()
+    distributed.check_batch(loop.batch_size, mesh)
+    distributed.check_batch(loop.eval_batch_size, mesh, "eval batch size")
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
     position = None
     if resume is not None:
         state, position = resume
+    state = distributed.replicate(state, mesh)
     order = order_generator(loop.seed, position)
     first_epoch = position.epoch if position else 1
 
@@ -289,7 +294,9 @@ def train(
         for index, (images, labels) in enumerate(epoch_batches):
             if index < done:
                 continue
-            state, step_metrics = train_step(state, images, labels)
+            state, step_metrics = train_step(
+                state, *distributed.shard_batch((images, labels), mesh)
+            )
             losses.append(step_metrics["loss"])
             bar.update()
             if should_stop is not None and should_stop():

@@ -1,4 +1,5 @@
 import contextlib
+import csv
 import dataclasses
 import io
 import json
@@ -133,6 +134,7 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
         "checkpoints",
         "clusters.png",
         "config.json",
+        "metrics.csv",
         "metrics.jsonl",
         "plan.json",
         "report.txt",
@@ -160,6 +162,10 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     epochs = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in epochs] == list(range(1, TINY_EPOCHS + 1))
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, TINY_EPOCHS + 1))
+    assert float(rows[-1]["test_accuracy"]) == epochs[-1]["test_accuracy"]
     assert "test_accuracy" in epochs[-1]
 
     summary = json.loads((out / "summary.json").read_text())
