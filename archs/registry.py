@@ -15,8 +15,13 @@ from archs.wide_resnet import WideResNet
 Constructor = Callable[..., nnx.Module]
 """Called as `constructor(num_classes=..., in_channels=..., rngs=..., **kwargs)`."""
 
-WRN_PATTERN = re.compile(r"wrn-(\d+)-(\d+)")
+WRN_PATTERN = re.compile(r"wrn-(\d+)-(\d+(?:\.\d+)?)")
 WRN_NAME = "wrn-<depth>-<width>"
+
+
+def _number(text: str) -> int | float:
+    """`"10"` -> 10, `"0.5"` -> 0.5."""
+    return float(text) if "." in text else int(text)
 
 
 def _resnet(depth: int, stem: str) -> Constructor:
@@ -40,7 +45,10 @@ _MODELS: dict[str, Constructor] = {
 
 
 def available() -> list[str]:
-    """Known model names; `wrn-<depth>-<width>` stands for any depth 6n + 4 and width >= 1."""
+    """Known model names; `wrn-<depth>-<width>` stands for any depth 6n + 4 and width > 0.
+
+    The width factor may be fractional (`wrn-28-0.5`: stages of 8, 16, 32 channels).
+    """
     return sorted([*_MODELS, WRN_NAME])
 
 
@@ -54,10 +62,15 @@ def register(name: str, constructor: Constructor) -> None:
 def create(
     name: str, *, num_classes: int, in_channels: int = 3, rngs: nnx.Rngs, **kwargs: Any
 ) -> nnx.Module:
-    """Builds the model called `name`; extra keyword args go to its constructor."""
+    """Builds the model called `name`; extra keyword args go to its constructor.
+
+    A Wide ResNet's `width=` keyword, if given, replaces the width factor in its name:
+    `create("wrn-28-1", width=0.5, ...)` builds `wrn-28-0.5`.
+    """
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
     if match := WRN_PATTERN.fullmatch(name):
-        return WideResNet(int(match[1]), int(match[2]), **kwargs)
+        width = kwargs.pop("width", _number(match[2]))
+        return WideResNet(int(match[1]), width, **kwargs)
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(available())}.")
     return _MODELS[name](**kwargs)

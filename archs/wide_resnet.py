@@ -9,6 +9,11 @@ from flax import nnx
 from archs.layers import batch_norm, conv
 
 
+def stage_widths(width: float) -> tuple[int, int, int]:
+    """Channels of the three stages: 16k, 32k, 64k, rounded to integers (at least 1)."""
+    return tuple(max(1, round(base * width)) for base in (16, 32, 64))
+
+
 class PreActBlock(nnx.Module):
     """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
 
@@ -48,6 +53,8 @@ class WideResNet(nnx.Module):
     """WRN-depth-width: a 3x3 stem, 3 stages of (depth - 4) / 6 pre-activation blocks, and a head.
 
     Stage widths are 16k, 32k, 64k with strides 1, 2, 2; convs use Kaiming-normal (fan_out) init.
+    A fractional width factor k (e.g. 0.5, for a reduced-width baseline) rounds each stage's
+    channel count to the nearest integer (at least 1).
     Input [b, h, w, in_channels], output logits [b, num_classes]; with `exits=True`, early-exit
     heads after the first two stages make it [b, 3, num_classes] (exits in depth order, the
     final head last).
@@ -56,7 +63,7 @@ class WideResNet(nnx.Module):
     def __init__(
         self,
         depth: int = 28,
-        width: int = 10,
+        width: float = 10,
         *,
         num_classes: int,
         in_channels: int = 3,
@@ -68,10 +75,10 @@ class WideResNet(nnx.Module):
                 f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 34, 40, ...); "
                 f"got {depth}."
             )
-        if width < 1:
-            raise ValueError(f"WideResNet width factor must be >= 1; got {width}.")
+        if not width > 0:
+            raise ValueError(f"WideResNet width factor must be positive; got {width}.")
         blocks_per_stage = (depth - 4) // 6
-        widths = (16 * width, 32 * width, 64 * width)
+        widths = stage_widths(width)
 
         self.stem = conv(in_channels, 16, 3, 1, rngs)
         stages = []
