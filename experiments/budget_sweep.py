@@ -44,6 +44,8 @@ LABELS = {
     "full": "full model",
 }
 COLUMNS = ("method", "budget", "arch", "trainable_params", "test_accuracy", "seconds")
+NO_DATA_DIR = ("digits", "fashion_mnist")
+"""Data sets found without `--data-dir` (embedded, or where Debian installs them)."""
 WIDTH_STEP = 1 / 64
 """Grid of reduced widths: the 64k channels of the last stage change by one per step."""
 
@@ -328,6 +330,8 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
         base = presets.with_overrides(base, data_dir=args.data_dir)
     if args.epochs is not None:
         base = presets.with_overrides(base, loop={"epochs": args.epochs})
+    if base.data_dir is None and base.dataset not in NO_DATA_DIR:
+        raise ValueError(f"--preset {args.preset} trains on {base.dataset}: pass --data-dir")
     budgets = sweep.budgets
     if args.budgets:
         budgets = tuple(b.strip() for b in args.budgets.split(","))

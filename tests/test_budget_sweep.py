@@ -207,6 +207,8 @@ def test_sweep_presets_and_command_line_overrides():
     assert sweep.budgets == ("15%", "50%")
     assert sweep.base.data_dir == "/data" and sweep.base.loop.epochs == 2
     assert sweep.base.loop.batch_size == 128
+    with pytest.raises(ValueError, match="--data-dir"):
+        budget_sweep.sweep_from_args(budget_sweep.parse_args(["--preset", "cifar100"]))
 
 
 def test_results_csv_leaves_the_full_models_budget_empty():
