@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,3 +285,54 @@ def test_budgeted_model_trains(images):
         losses.append(float(loss))
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_members_of_one_architecture_run_vmapped_with_the_outputs_of_a_loop():
+    import archs
+    from superweights.model import apply_members
+
+    modules = {
+        name: archs.create("wrn-10-1", num_classes=10, in_channels=1, rngs=nnx.Rngs(seed))
+        for seed, name in enumerate(["a", "b", "c"])
+    }
+    modules["wide"] = archs.create("wrn-10-2", num_classes=10, in_channels=1, rngs=nnx.Rngs(9))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    model = budgeted(modules, Budget(fraction=0.9), sample_input=x[:1])
+    signatures = [m.signature for m in model.members]
+    assert signatures[0] == signatures[1] == signatures[2] != signatures[3]
+    params, state = model.init(jax.random.key(1))
+    member_params = model.member_params(params)
+    traced = []
+
+    def counting(member):
+        def apply_fn(p, s, x, train):
+            traced.append(member.name)
+            return member.apply_fn(p, s, x, train)
+
+        return dataclasses.replace(member, apply_fn=apply_fn)
+
+    counted = [counting(m) for m in model.members]
+    logits, new_state = apply_members(counted, member_params, state, x, True)
+    assert sorted(traced) == ["a", "wide"]  # one call for the three equals, under vmap
+    for member in model.members:
+        alone, alone_state = member.apply_fn(
+            member_params[member.name], state[member.name], x, True
+        )
+        np.testing.assert_allclose(logits[member.name], alone, atol=1e-5)
+        for got, want in zip(
+            jax.tree_util.tree_leaves(new_state[member.name]),
+            jax.tree_util.tree_leaves(alone_state),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_members_predicting_different_class_counts_are_refused():
+    import archs
+
+    modules = {
+        "ten": archs.create("wrn-10-1", num_classes=10, in_channels=1, rngs=nnx.Rngs(0)),
+        "five": archs.create("wrn-10-1", num_classes=5, in_channels=1, rngs=nnx.Rngs(1)),
+    }
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        budgeted(modules, Budget(fraction=0.9), sample_input=jnp.zeros((1, 8, 8, 1)))
