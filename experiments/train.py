@@ -281,6 +281,7 @@ def train(
     start = time.perf_counter() - metrics.get("time", 0.0)
     for epoch in range(first_epoch, last_epoch + 1):
         epoch_start = order.bit_generator.state
+        epoch_clock = time.perf_counter()
         resuming = position is not None and epoch == position.epoch
         done = position.batches_done if resuming else 0
         losses = list(position.losses) if resuming else []
@@ -323,7 +324,13 @@ def train(
         if epoch in interventions:
             model, state = interventions[epoch](model, state)
             optimizer, train_step, eval_step = compile_steps(model, state.params)
-        metrics = {"epoch": epoch, "train_loss": epoch_loss, "time": time.perf_counter() - start}
+        seconds = time.perf_counter() - epoch_clock
+        metrics = {
+            "epoch": epoch,
+            "train_loss": epoch_loss,
+            "time": time.perf_counter() - start,
+            "images_per_second": (len(losses) - done) * loop.batch_size / seconds,
+        }
         if epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0):
             metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
         bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
