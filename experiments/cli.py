@@ -25,6 +25,7 @@ from experiments.data import DATASET_NAMES, load_dataset, subset
 from experiments.ensemble import (
     anytime_curve,
     anytime_figure,
+    comparison_table,
     compose_flops,
     ensemble_metrics,
     flops_per_member,
@@ -73,6 +74,7 @@ class RunConfig:
     output_dir: str | None = None
     checkpoint_every: int = 1
     keep_checkpoints: int = 3
+    compare_dense: bool = False
     loop: LoopConfig = LoopConfig(epochs=15)
     optim: OptimConfig = OptimConfig()
     search: SearchConfig = SearchConfig()
@@ -114,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--dataset", default=RunConfig.dataset, choices=DATASET_NAMES)
     run.add_argument("--data-dir", default=None, help="directory holding the data set's files")
     run.add_argument("--dense", action="store_true", help="train the full model, no sharing")
+    run.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="ensembles: then train the fully-parameterized ensemble the same way and set "
+        "both side by side",
+    )
     run.add_argument("--epochs", type=int, default=RunConfig.loop.epochs)
     run.add_argument("--batch-size", type=int, default=LoopConfig.batch_size)
     run.add_argument("--lr", type=float, default=OptimConfig.learning_rate)
@@ -215,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         output_dir=args.output_dir,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
+        compare_dense=args.compare_dense,
         loop=LoopConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -375,6 +384,34 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     summary.update(metrics)
     if len(modules) > 1:
         summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
+    if config.compare_dense and not config.dense and len(modules) > 1:
+        log("\ntraining the fully-parameterized ensemble the same way, for comparison")
+        dense = run_training(
+            dataclasses.replace(
+                config,
+                dense=True,
+                compare_dense=False,
+                output_dir=str(out / "dense") if out else None,
+            ),
+            progress=progress,
+            log=log,
+        )
+        rows = {
+            name: {
+                "params": run["trainable_params"],
+                "accuracy": run["test_accuracy"],
+                "nll": run["ensemble_nll"],
+                "diversity": run["diversity"],
+            }
+            for name, run in (
+                ("SuperWeight ensemble", summary),
+                ("fully-parameterized ensemble", dense),
+            )
+        }
+        summary["comparison"] = comparison_table(rows)
+        log("\n" + summary["comparison"])
+        if out:
+            (out / "comparison.md").write_text(summary["comparison"] + "\n")
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_csv(out / "metrics.jsonl", out / "metrics.csv")

@@ -284,3 +284,47 @@ def test_budgeted_digits_model_learns_and_keeps_up_with_the_dense_one(tmp_path):
     assert accuracies["budgeted"] > 0.8, accuracies
     assert accuracies["dense"] > 0.8, accuracies
     assert accuracies["dense"] - accuracies["budgeted"] <= 0.05, accuracies
+
+
+def test_an_ensemble_is_set_beside_the_fully_parameterized_one(tmp_path):
+    out = tmp_path / "ensemble"
+    argv = [
+        "train",
+        "--quiet",
+        "--arch",
+        "wrn-10-1,wrn-16-1",
+        "--scope",
+        "model",
+        "--budget",
+        "83%",
+        "--train-size",
+        "96",
+        "--test-size",
+        "48",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--search-epochs",
+        "1",
+        "--compare-dense",
+        "--output-dir",
+        str(out),
+    ]
+    code, stdout, stderr = run(argv)
+    assert code == 0, stderr
+    budgeted = json.loads((out / "summary.json").read_text())
+    dense = json.loads((out / "dense" / "summary.json").read_text())
+    assert (
+        dense["dense"] is True
+        and dense["trainable_params"] == budgeted["fully_parameterized_params"]
+    )
+    assert budgeted["trainable_params"] <= 0.83 * dense["trainable_params"]
+    table = (out / "comparison.md").read_text()
+    assert "| SuperWeight ensemble | " + f"{budgeted['trainable_params']:,}" in table
+    assert "| fully-parameterized ensemble | " + f"{dense['trainable_params']:,}" in table
+    saving = 100 * (1 - budgeted["trainable_params"] / dense["trainable_params"])
+    assert f"uses {saving:.1f}% fewer parameters" in table
+    assert 0 <= budgeted["diversity"] <= 1
+    assert [e["members"] for e in budgeted["anytime"]][-1] == ["wrn-10-1", "wrn-16-1"]
+    assert (out / "anytime.png").read_bytes()[:4] == b"\x89PNG"
