@@ -28,6 +28,8 @@ from experiments.ensemble import (
     comparison_table,
     compose_flops,
     ensemble_metrics,
+    exit_curve,
+    exit_flops,
     flops_per_member,
     parameter_saving,
 )
@@ -382,7 +384,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 (out / "report.txt").write_text(model.report() + "\n")
                 assignment_figure(model.plan, out / "clusters.png")
     summary.update(metrics)
-    if len(modules) > 1:
+    if len(modules) > 1 or config.exits:
         summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
     if config.compare_dense and not config.dense and len(modules) > 1:
         log("\ntraining the fully-parameterized ensemble the same way, for comparison")
@@ -475,7 +477,8 @@ def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop,
 
 
 def ensemble_summary(model, state, dataset, batch_size: int, out: Path | None, log) -> dict:
-    """Diversity, anytime curve (members cheapest first, against FLOPs) and parameter saving.
+    """Diversity, anytime curves (members cheapest first, and each member's early exits,
+    against FLOPs) and parameter saving.
 
     FLOPs are XLA's estimate for one batch of `batch_size` test images; a budgeted
     ensemble pays the composition of its weights once per batch on top.
@@ -505,12 +508,30 @@ def ensemble_summary(model, state, dataset, batch_size: int, out: Path | None, l
         f"  {' + '.join(e['members'])}: {e['flops']:,} FLOPs, accuracy {e['accuracy']:.2%}"
         for e in curve
     ]
+    curves = {"SuperWeight ensemble" if budgeted else "ensemble": curve}
+    exits = {}
+    for member in model.members:
+        if logits[member.name].ndim == 3:
+            costs = exit_flops(
+                member.apply_fn, member_params[member.name], state.model_state[member.name], batch
+            )
+            exits[member.name] = exit_curve(
+                logits[member.name], dataset.test_labels, costs, compose_cost=compose_cost
+            )
+            curves[f"{member.name} exits"] = exits[member.name]
+            lines += [
+                f"  {member.name}, {e['members'][0]}: {e['flops']:,} FLOPs, "
+                f"accuracy {e['accuracy']:.2%}"
+                for e in exits[member.name]
+            ]
     log("\n".join(lines))
     if out:
-        anytime_figure(
-            {"SuperWeight ensemble" if budgeted else "ensemble": curve}, out / "anytime.png"
-        )
+        anytime_figure(curves, out / "anytime.png")
     return {
+        "anytime_exits": {
+            name: [dict(e, members=list(e["members"])) for e in curve]
+            for name, curve in exits.items()
+        },
         "diversity": metrics["diversity"],
         "ensemble_nll": metrics["nll"],
         "fully_parameterized_params": full,

@@ -210,6 +210,49 @@ def anytime_curve(
     return sorted(curve, key=lambda entry: (entry["flops"], len(entry["members"])))
 
 
+def exit_flops(
+    apply_fn: Callable[..., tuple[Any, Any]], params: Any, state: Any, sample_input: Any
+) -> list[int]:
+    """FLOPs of reaching each early exit of a member with logits `[batch, exits, classes]`.
+
+    Each count is XLA's estimate for computing that exit's logits alone: the compiler drops
+    the layers after it, so exit e costs the network up to e plus its head.
+    """
+    outputs = jax.eval_shape(
+        lambda p, s, x: apply_fn(p, s, x, False)[0], params, state, sample_input
+    )
+    return [
+        archs.count_flops(
+            lambda p, s, x, e=e: apply_fn(p, s, x, False)[0][:, e], params, state, sample_input
+        )
+        for e in range(outputs.shape[1])
+    ]
+
+
+def exit_curve(
+    logits: np.ndarray, labels: np.ndarray, flops: Sequence[int], *, compose_cost: int = 0
+) -> list[dict]:
+    """Accuracy and NLL of each early exit (`logits [n, exits, classes]`) against its FLOPs.
+
+    Entries have the keys of `anytime_curve` (`members` names the exit), so both plot alike.
+    """
+    if logits.shape[1] != len(flops):
+        raise ValueError(f"{logits.shape[1]} exits but {len(flops)} FLOP counts")
+    labels = np.asarray(labels)
+    curve = []
+    for e, cost in enumerate(flops):
+        scores = log_softmax(logits[:, e])
+        curve.append(
+            {
+                "members": (f"exit {e + 1}",),
+                "flops": int(cost + compose_cost),
+                "accuracy": accuracy(scores, labels),
+                "nll": nll(scores, labels),
+            }
+        )
+    return curve
+
+
 def is_chain(curve: Sequence[dict]) -> bool:
     """True when every entry's members extend the previous entry's (a prefix curve)."""
     members = [entry["members"] for entry in curve]

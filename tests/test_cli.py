@@ -328,3 +328,31 @@ def test_an_ensemble_is_set_beside_the_fully_parameterized_one(tmp_path):
     assert 0 <= budgeted["diversity"] <= 1
     assert [e["members"] for e in budgeted["anytime"]][-1] == ["wrn-10-1", "wrn-16-1"]
     assert (out / "anytime.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_early_exits_get_an_anytime_curve_of_their_own(tmp_path):
+    out = tmp_path / "exits"
+    argv = [
+        "train",
+        "--quiet",
+        *TINY,
+        "--exits",
+        "--budget",
+        "80%",
+        "--epochs",
+        "1",
+        "--search-epochs",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
+    code, stdout, stderr = run(argv)
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    curve = summary["anytime_exits"]["wrn-10-1"]
+    assert [e["members"] for e in curve] == [["exit 1"], ["exit 2"], ["exit 3"]]
+    flops = [e["flops"] for e in curve]
+    assert flops == sorted(flops) and len(set(flops)) == 3
+    assert curve[-1]["accuracy"] == summary["test_accuracy"]
+    assert "wrn-10-1, exit 1:" in stdout
+    assert (out / "anytime.png").read_bytes()[:4] == b"\x89PNG"

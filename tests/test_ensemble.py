@@ -1,10 +1,12 @@
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from experiments import ensemble
 from experiments.ensemble import (
     anytime_curve,
     anytime_figure,
@@ -203,3 +205,28 @@ def test_comparison_table_states_the_saving():
     assert "| fully-parameterized ensemble | 1,000,000 | 79.00 | 0.800 | - |" in lines
     # 1 - 830,000 / 1,000,000 = 17%
     assert "17.0% fewer parameters" in table
+
+
+def test_exit_flops_grow_with_depth_and_the_last_exit_costs_the_whole_member():
+    import archs as registry
+    from superweights import nnx_member
+
+    model = registry.create("wrn-10-1", num_classes=10, in_channels=1, rngs=nnx.Rngs(0), exits=True)
+    member = nnx_member("m", model)
+    batch = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.float32)
+    costs = ensemble.exit_flops(member.apply_fn, member.params, member.state, batch)
+    whole = ensemble.member_flops(member.apply_fn, member.params, member.state, batch)
+    assert len(costs) == 3 and costs[0] < costs[1] < costs[2]
+    assert costs[2] <= whole and costs[2] > 0.9 * whole  # the earlier heads are all it skips
+
+
+def test_exit_curve_scores_each_exit_at_its_own_cost():
+    labels = np.array([0, 1])
+    # exit 1 is wrong on both examples, exit 2 right on both
+    logits = np.array([[[0.0, 5.0], [5.0, 0.0]], [[5.0, 0.0], [0.0, 5.0]]])
+    curve = ensemble.exit_curve(logits, labels, [10, 30], compose_cost=5)
+    assert [e["members"] for e in curve] == [("exit 1",), ("exit 2",)]
+    assert [e["flops"] for e in curve] == [15, 35]
+    assert [e["accuracy"] for e in curve] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="2 exits but 1 FLOP counts"):
+        ensemble.exit_curve(logits, labels, [10])
