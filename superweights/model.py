@@ -98,16 +98,26 @@ def linen_member(name: str, module, sample_input: jax.Array, key: jax.Array) -> 
 
 
 def apply_members(
-    members, member_params: Mapping[str, Any], state: Mapping[str, Any], x, train: bool
+    members,
+    member_params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    x,
+    train: bool,
+    vectorize: bool | None = None,
 ) -> tuple[dict[str, jax.Array], dict]:
     """Runs every member on its own params: `({member: logits}, {member: new state})`.
 
-    Members with the same signature (same architecture) run as one `jax.vmap`
-    over their stacked params and state instead of one after another.
+    With `vectorize`, members with the same signature (same architecture) run as
+    one `jax.vmap` over their stacked params and state instead of one after
+    another. `None` vectorizes on accelerators but not on the CPU, where XLA
+    turns a vmapped convolution into a grouped one that ran 5-6x slower than a
+    loop over the members (experiments/benchmarks/scaling.py).
     """
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu"
     groups: dict[Any, list[Member]] = {}
     for member in members:
-        key = member.name if member.signature is None else member.signature
+        key = member.name if member.signature is None or not vectorize else member.signature
         groups.setdefault(key, []).append(member)
     logits, new_state = {}, {}
     for group in groups.values():

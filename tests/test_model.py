@@ -312,8 +312,11 @@ def test_members_of_one_architecture_run_vmapped_with_the_outputs_of_a_loop():
         return dataclasses.replace(member, apply_fn=apply_fn)
 
     counted = [counting(m) for m in model.members]
-    logits, new_state = apply_members(counted, member_params, state, x, True)
+    logits, new_state = apply_members(counted, member_params, state, x, True, vectorize=True)
     assert sorted(traced) == ["a", "wide"]  # one call for the three equals, under vmap
+    traced.clear()
+    apply_members(counted, member_params, state, x, True, vectorize=False)
+    assert sorted(traced) == ["a", "b", "c", "wide"]
     for member in model.members:
         alone, alone_state = member.apply_fn(
             member_params[member.name], state[member.name], x, True
