@@ -275,12 +275,12 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     if config.train_size is not None or config.test_size is not None:
         dataset = subset(dataset, config.train_size, config.test_size)
     height, width, channels = dataset.image_shape
-    modules = create_members(
-        arch_list(config.arch, config.exits),
+    modules = members_of(
+        config.arch,
+        config.exits,
         num_classes=dataset.num_classes,
         in_channels=channels,
         seed=config.loop.seed,
-        **({"exits": True} if config.exits else {}),
     )
     sample = jnp.zeros((1, height, width, channels), jnp.float32)
     name = config.augmentation
@@ -552,17 +552,24 @@ def arch_list(text: str, exits: bool = False) -> list[str]:
     return names
 
 
+def members_of(arch: str, exits: bool, *, num_classes: int, in_channels: int, seed: int):
+    """`{member name: module}` for a `--arch` list, with early exits when asked."""
+    return create_members(
+        arch_list(arch, exits),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        seed=seed,
+        **({"exits": True} if exits else {}),
+    )
+
+
 def run_report(args: argparse.Namespace, log=print) -> None:
     shape = tuple(int(x) for x in args.image_shape.split(","))
     if len(shape) != 3:
         raise ValueError("--image-shape takes height,width,channels, e.g. 32,32,3")
     modules = nnx.eval_shape(  # shapes only: no memory spent on weights
-        lambda: create_members(
-            arch_list(args.arch, args.exits),
-            num_classes=args.num_classes,
-            in_channels=shape[2],
-            seed=0,
-            **({"exits": True} if args.exits else {}),
+        lambda: members_of(
+            args.arch, args.exits, num_classes=args.num_classes, in_channels=shape[2], seed=0
         )
     )
     sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)

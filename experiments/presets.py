@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import superweights
-from experiments.cli import RunConfig, arch_list
-from experiments.models import create_members
+from experiments.cli import RunConfig, members_of
 from experiments.npas import SearchConfig
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, SharingRule
@@ -143,12 +142,8 @@ def minimum_budget(config: RunConfig) -> tuple[int, int]:
         raise ValueError(f"no image shape known for dataset {config.dataset!r}")
     shape, num_classes = DATA_SHAPES[config.dataset]
     modules = nnx.eval_shape(
-        lambda: create_members(
-            arch_list(config.arch, config.exits),
-            num_classes=num_classes,
-            in_channels=shape[2],
-            seed=0,
-            **({"exits": True} if config.exits else {}),
+        lambda: members_of(
+            config.arch, config.exits, num_classes=num_classes, in_channels=shape[2], seed=0
         )
     )
     plan = superweights.budgeted(
