@@ -290,11 +290,20 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     config = dataclasses.replace(config, augmentation=name, loop=loop)
 
     out = Path(config.output_dir) if config.output_dir else None
-    checkpoints, resumed = None, None
+    checkpoints, resumed, search_checkpoints, search_resumed = None, None, None, None
     if out:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints)
-        resumed = resume_point(config, out, checkpoints, modules, sample, dataset, loop, log)
+        if not config.dense and config.search.search:
+            search_checkpoints = Checkpoints(
+                out / "search_checkpoints", keep=config.keep_checkpoints
+            )
+        if checkpoints.steps() or (search_checkpoints and search_checkpoints.steps()):
+            check_same_config(config, out)
+        setting = (config, modules, sample, dataset, loop, log)
+        resumed = resume_point(checkpoints, *setting)
+        if resumed is None and search_checkpoints is not None:
+            search_resumed = resume_point(search_checkpoints, *setting, phase="the search phase")
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
         first_epoch = resumed[2].epoch if resumed else 1
         kept = []
@@ -362,6 +371,8 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 log=log,
                 on_search=on_search,
                 resume=resumed,
+                search_checkpoints=search_checkpoints,
+                search_resume=search_resumed,
                 **common,
             )
             model, state, metrics = run["model"], run["state"], run["metrics"]
@@ -434,13 +445,8 @@ def write_csv(jsonl: Path, csv_path: Path) -> None:
         writer.writerows(rows)
 
 
-def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop, log):
-    """`(model, state, position)` from the newest readable checkpoint in `out`, or None.
-
-    Refuses to resume a run made with another configuration.
-    """
-    if not checkpoints.steps():
-        return None
+def check_same_config(config, out: Path) -> None:
+    """Refuses to resume, in `out`, a run made with another configuration."""
     saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     current = json.loads(json.dumps(dataclasses.asdict(config)))
     for where in ("output_dir", "checkpoint_every", "keep_checkpoints"):  # not the results
@@ -452,6 +458,12 @@ def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop,
             f"{out} holds checkpoints of a run with other settings ({', '.join(changed)}); "
             "use the same options to resume it, or another --output-dir"
         )
+
+
+def resume_point(checkpoints, config, modules, sample, dataset, loop, log, phase="training"):
+    """`(model, state, position)` from the newest readable checkpoint, or None."""
+    if not checkpoints.steps():
+        return None
 
     def model_for(meta: dict):
         if config.dense:
@@ -470,7 +482,7 @@ def resume_point(config, out: Path, checkpoints, modules, sample, dataset, loop,
         return None
     state, position, _ = restored
     log(
-        f"resuming from step {int(state.step)} (epoch {position.epoch}, "
+        f"resuming {phase} from step {int(state.step)} (epoch {position.epoch}, "
         f"{position.batches_done} batches into it)"
     )
     return models["model"], state, position

@@ -156,11 +156,28 @@ def run_search(
     progress: bool = True,
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] | None = None,
+    checkpoints: Checkpoints | None = None,
+    resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
-    """Search phase: train the hard-shared model briefly, then split its clusters."""
-    searcher = budgeted(
-        modules, budget, sample_input=sample_input, bins=bins, rule=rule, shared_coefficients=True
-    )
+    """Search phase: train the hard-shared model briefly, then split its clusters.
+
+    Its training saves to `checkpoints` (every epoch, at its end and when
+    stopped); `resume=(model, state, position)` goes on from such a checkpoint.
+    The clustering itself is quick and deterministic, so it is redone from the
+    last checkpoint rather than saved.
+    """
+    if resume is not None:
+        searcher, resume_point = resume[0], resume[1:]
+    else:
+        searcher = budgeted(
+            modules,
+            budget,
+            sample_input=sample_input,
+            bins=bins,
+            rule=rule,
+            shared_coefficients=True,
+        )
+        resume_point = None
     log(f"search phase: {config.search_epochs} epochs on the initial clusters")
     state, _ = train(
         searcher,
@@ -170,6 +187,8 @@ def run_search(
         progress=progress,
         stop_after=config.search_epochs,
         should_stop=should_stop,
+        checkpoints=checkpoints,
+        resume=resume_point,
     )
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
     grads = weight_gradients(searcher, state.params, state.model_state, sample)
@@ -197,13 +216,16 @@ def run_npas(
     checkpoints: Checkpoints | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
+    search_checkpoints: Checkpoints | None = None,
+    search_resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> dict:
     """Search (unless `config.search` is off), then train the final model.
 
     `on_search(result, final_model)` is called as soon as the search is done.
     The final training saves to `checkpoints`; `resume=(model, state, position)`
-    skips the search and continues that final training where it stopped (the
-    search phase itself is not checkpointed: stopped there, it starts over).
+    skips the search and continues that final training where it stopped. The
+    search phase saves to `search_checkpoints`, and `search_resume` continues
+    it (then the search and the final training follow as usual).
 
     Returns `{"model", "state", "metrics", "search" (SearchResult or None),
     "searcher", "initial_plan", "unshare"}`; `model` is the final one, after
@@ -228,6 +250,8 @@ def run_npas(
             progress=progress,
             log=log,
             should_stop=should_stop,
+            checkpoints=search_checkpoints,
+            resume=search_resume,
         )
         plan = search.searched_plan(searcher.plan, result, budget)
         final = BudgetedModel(plan, searcher.members)

@@ -186,7 +186,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_res
 
     resumed = subprocess.run(npas_command(out), cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step" in resumed.stdout
+    assert "resuming training from step" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
     for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
         assert summary[key] == whole[key], key
@@ -194,3 +194,38 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_res
         json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
     assert epochs == list(range(1, 5))
+
+
+def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from experiments import cli
+
+    argv = npas_command(tmp_path / "x")[3:-2]  # "train" and its options, no output dir
+    whole = cli.run_training(
+        cli.config_from_args(cli.parse_args([*argv, "--output-dir", str(tmp_path / "whole")])),
+        progress=False,
+        log=lambda _: None,
+    )
+
+    out = tmp_path / "stopped"
+    config = cli.config_from_args(cli.parse_args([*argv, "--output-dir", str(out)]))
+
+    @contextmanager
+    def stop_in_the_search_phase():
+        yield stop_after(10)  # the search phase is 16 steps (1 epoch of 512 / 32)
+
+    monkeypatch.setattr(cli, "stop_requests", stop_in_the_search_phase)
+    with pytest.raises(Interrupted, match="step 10"):
+        cli.run_training(config, progress=False, log=lambda _: None)
+    assert Checkpoints(out / "search_checkpoints").steps() == [10]
+    assert not Checkpoints(out / "checkpoints").steps()
+    monkeypatch.undo()
+
+    lines = []
+    resumed = cli.run_training(config, progress=False, log=lines.append)
+    assert any(line.startswith("resuming the search phase from step 10") for line in lines)
+    for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
+        assert resumed[key] == whole[key], key
+    search = json.loads((out / "search.json").read_text())
+    assert search == json.loads((tmp_path / "whole" / "search.json").read_text())
