@@ -290,6 +290,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     config = dataclasses.replace(config, augmentation=name, loop=loop)
 
     out = Path(config.output_dir) if config.output_dir else None
+    files = out if jax.process_index() == 0 else None  # one host writes the results
     checkpoints, resumed, search_checkpoints, search_resumed = None, None, None, None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -304,23 +305,24 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         resumed = resume_point(checkpoints, *setting)
         if resumed is None and search_checkpoints is not None:
             search_resumed = resume_point(search_checkpoints, *setting, phase="the search phase")
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    if files:
+        write_atomically(files / "config.json", json.dumps(dataclasses.asdict(config), indent=1))
         first_epoch = resumed[2].epoch if resumed else 1
         kept = []
-        if resumed and (out / "metrics.jsonl").exists():
-            lines = (out / "metrics.jsonl").read_text().splitlines()
+        if resumed and (files / "metrics.jsonl").exists():
+            lines = (files / "metrics.jsonl").read_text().splitlines()
             kept = [line for line in lines if json.loads(line)["epoch"] < first_epoch]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        (files / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
     def on_epoch(metrics: dict) -> None:
-        if out:
-            with (out / "metrics.jsonl").open("a") as f:
+        if files:
+            with (files / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
     def on_search(result, final) -> None:
-        if out:
-            (out / "search.json").write_text(result.to_json())
-            similarity_figure(result, out / "similarity.png")
+        if files:
+            (files / "search.json").write_text(result.to_json())
+            similarity_figure(result, files / "similarity.png")
 
     log(
         f"training on {dataset.name}: {len(dataset.train_images):,} train / "
@@ -390,13 +392,13 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 tau=None if result is None else result.tau,
                 clusters=len(model.plan.clusters),
             )
-            if out:
-                (out / "plan.json").write_text(model.plan.to_json())
-                (out / "report.txt").write_text(model.report() + "\n")
-                assignment_figure(model.plan, out / "clusters.png")
+            if files:
+                (files / "plan.json").write_text(model.plan.to_json())
+                (files / "report.txt").write_text(model.report() + "\n")
+                assignment_figure(model.plan, files / "clusters.png")
     summary.update(metrics)
     if len(modules) > 1 or config.exits:
-        summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, out, log))
+        summary.update(ensemble_summary(model, state, dataset, loop.eval_batch_size, files, log))
     if config.compare_dense and not config.dense and len(modules) > 1:
         log("\ntraining the fully-parameterized ensemble the same way, for comparison")
         dense = run_training(
@@ -423,16 +425,23 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         }
         summary["comparison"] = comparison_table(rows)
         log("\n" + summary["comparison"])
-        if out:
-            (out / "comparison.md").write_text(summary["comparison"] + "\n")
-    if out:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        write_csv(out / "metrics.jsonl", out / "metrics.csv")
+        if files:
+            (files / "comparison.md").write_text(summary["comparison"] + "\n")
+    if files:
+        (files / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_csv(files / "metrics.jsonl", files / "metrics.csv")
     log(
         f"final test accuracy: {metrics['test_accuracy']:.2%} "
         f"(train loss {metrics['train_loss']:.4f}, {metrics['time']:.1f}s)"
     )
     return summary
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` so that a reader never sees half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def write_csv(jsonl: Path, csv_path: Path) -> None:
@@ -602,7 +611,12 @@ def main(argv: list[str] | None = None) -> int:
             run_report(args)
         else:
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-            run_training(config_from_args(args), progress=not args.quiet)
+            primary = jax.process_index() == 0  # the other hosts train silently
+            run_training(
+                config_from_args(args),
+                progress=primary and not args.quiet,
+                log=print if primary else lambda _: None,
+            )
     except Interrupted as stopped:
         print(f"npas: {stopped}", file=sys.stderr)
         return 130

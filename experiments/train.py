@@ -133,13 +133,19 @@ def make_eval_step(model) -> Callable:
 
 
 def predict(eval_step, params, model_state, images: np.ndarray, batch_size: int) -> dict:
-    """`{member: logits [n, classes]}` over all `images`, the last batch padded."""
+    """`{member: logits [n, classes]}` over all `images`, the last batch padded.
+
+    Each batch is split over the devices of the data mesh, like a training batch.
+    """
+    mesh = distributed.data_mesh()
     outputs: dict[str, list] = {}
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]))])
-        for name, logits in eval_step(params, model_state, padded.astype(chunk.dtype)).items():
-            outputs.setdefault(name, []).append(np.asarray(logits[: len(chunk)]))
+        batch = distributed.shard_batch(padded.astype(chunk.dtype), mesh)
+        logits = distributed.to_host(eval_step(params, model_state, batch))
+        for name, value in logits.items():
+            outputs.setdefault(name, []).append(value[: len(chunk)])
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 

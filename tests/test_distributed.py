@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,95 @@ def test_one_process_needs_no_distributed_start(monkeypatch):
     monkeypatch.delenv("NPAS_COORDINATOR", raising=False)
     distributed.initialize()
     assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "message"),
+    [
+        (("localhost:1234", None, 0), {}, "needs --num-processes and --process-id"),
+        (("localhost:1234", 2, None), {}, "needs --num-processes and --process-id"),
+        ((None, 2, 0), {}, "need --coordinator"),
+        (("localhost:1234", 2, 2), {}, r"process id 2 is not in 0\.\.1"),
+        ((None, None, None), {"NPAS_COORDINATOR": "h:1", "NPAS_NUM_PROCESSES": "two"}, "two"),
+    ],
+)
+def test_an_incomplete_multi_host_start_is_refused_before_connecting(
+    monkeypatch, arguments, environment, message
+):
+    for name in ("NPAS_COORDINATOR", "NPAS_NUM_PROCESSES", "NPAS_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(*arguments)
+    assert jax.process_count() == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def npas_train(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "train",
+        "--quiet",
+        "--arch",
+        "wrn-10-1",
+        "--budget",
+        "80%",
+        "--train-size",
+        "256",
+        "--test-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--search-epochs",
+        "1",
+        "--unshare-epoch",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
+def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    single = subprocess.run(
+        npas_train(tmp_path / "one"), cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+
+    coordinator = f"localhost:{free_port()}"
+    hosts = [
+        subprocess.Popen(
+            npas_train(tmp_path / "two", "--coordinator", coordinator, "--num-processes", "2"),
+            cwd=REPO,
+            env={**env, "NPAS_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [host.communicate(timeout=600) for host in hosts]
+    for host, (_, stderr) in zip(hosts, outputs, strict=True):
+        assert host.returncode == 0, stderr
+
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for key in ("train_loss", "trainable_params", "clusters", "tau", "unshare"):
+        assert two[key] == one[key], key
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 64)
+    assert "final test accuracy" in outputs[0][0]
+    assert "final test accuracy" not in outputs[1][0]  # the second host trains silently
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert epochs == [1, 2]  # written once, by the first host
+    assert (tmp_path / "two" / "checkpoints").is_dir()
