@@ -139,6 +139,7 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
         "plan.json",
         "report.txt",
         "search.json",
+        "search_checkpoints",
         "similarity.png",
         "summary.json",
     ]
