@@ -205,10 +205,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses options that cannot make a run, before anything is built or compiled."""
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
     for name in ("epochs", "batch_size", "bins", "search_epochs", "gradient_batches"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"{flag(name)} must be at least 1")
+    for name in ("eval_every", "checkpoint_every", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{flag(name)} must not be negative")
+    if args.keep_checkpoints < 1:
+        raise ValueError("--keep-checkpoints must be at least 1")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not -1 <= args.tau <= 1:
+        raise ValueError(f"--tau is a cosine similarity, in [-1, 1]; got {args.tau}")
+    if not args.no_search and not args.dense and args.search_epochs > args.epochs:
+        raise ValueError(
+            f"--search-epochs ({args.search_epochs}) must be at most --epochs ({args.epochs}): "
+            "the search phase runs on the same learning-rate schedule"
+        )
+    if args.unshare_epoch is not None and not 0 <= args.unshare_epoch < args.epochs:
+        raise ValueError(
+            f"--unshare-epoch must be in [0, {args.epochs - 1}] (0: never), "
+            f"got {args.unshare_epoch}"
+        )
+    if args.compare_dense and (args.dense or len(arch_list(args.arch)) < 2):
+        raise ValueError("--compare-dense needs a budgeted ensemble: several --arch names")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    check_args(args)
     return RunConfig(
         arch=args.arch,
         exits=args.exits,
@@ -271,6 +301,9 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     trains the full model instead.
     """
     budget = Budget.parse(config.budget, config.scope)
+    mesh = distributed.data_mesh()
+    distributed.check_batch(config.loop.batch_size, mesh)
+    distributed.check_batch(config.loop.eval_batch_size, mesh, "eval batch size")
     dataset = load_dataset(config.dataset, config.data_dir)
     if config.train_size is not None or config.test_size is not None:
         dataset = subset(dataset, config.train_size, config.test_size)

@@ -252,10 +252,10 @@ def train(
             make_eval_step(model),
         )
 
-    optimizer, train_step, eval_step = compile_steps(model, params)
     mesh = distributed.data_mesh()
     distributed.check_batch(loop.batch_size, mesh)
     distributed.check_batch(loop.eval_batch_size, mesh, "eval batch size")
+    optimizer, train_step, eval_step = compile_steps(model, params)
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
     position = None
     if resume is not None:

@@ -210,18 +210,45 @@ def test_train_again_into_the_same_directory_keeps_one_line_per_epoch(dense_run,
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.fixture
+def nothing_compiles(monkeypatch):
+    """Fails the test if training gets as far as building its jitted steps."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the train or eval step was built before the config was refused")
+
+    for name in ("make_train_step", "make_eval_step"):
+        monkeypatch.setattr(f"experiments.train.{name}", refuse)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--bins", "0"], "--bins must be at least 1"),
+        (["--eval-every", "-1"], "--eval-every must not be negative"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--tau", "1.5"], "--tau is a cosine similarity, in [-1, 1]; got 1.5"),
+        (["--epochs", "2", "--search-epochs", "3"], "--search-epochs (3) must be at most"),
+        (
+            ["--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "2"],
+            "--unshare-epoch must be in [0, 1]",
+        ),
+        (["--compare-dense"], "--compare-dense needs a budgeted ensemble"),
+        (["--arch", "wrn-10-1,"], "has an empty member name"),
+        (["--arch", "wrn-11-1"], "depth must be 6n + 4"),
+        (["--arch", "vgg-16"], "Unknown model 'vgg-16'; available: resnet-18"),
+        (["--exits", "--arch", "resnet-18"], "--exits needs Wide ResNet members"),
         (["--budget=-5%"], "cannot read budget '-5%'"),
+        (["--budget", "1%"], "below the minimum feasible 50,432"),
         (["--test-size", "1000"], "test_size must be in [0, 360], got 1000"),
         (["--dense", "--train-size", "16"], "batch size 32 exceeds the 16 training examples"),
+        (["--coordinator", "localhost:1"], "needs --num-processes and --process-id"),
     ],
 )
-def test_train_with_bad_arguments_exits_2(capsys, args, message):
+def test_train_with_bad_arguments_exits_2_before_compiling(capsys, nothing_compiles, args, message):
     assert main(["train", *TINY, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("npas: error: ")
