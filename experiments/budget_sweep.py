@@ -1,6 +1,7 @@
 """Accuracy against trainable parameters: SuperWeights and their baselines at several budgets.
 
 python -m experiments.budget_sweep --preset small                 # digits, 2 CPU cores
+python -m experiments.budget_sweep --preset fashion               # Fashion-MNIST subset, 2 CPU cores
 python -m experiments.budget_sweep --preset cifar100 --data-dir ~/data/cifar-100-python
 
 At every feasible budget it trains (a) the SuperWeight model with the search, (b) the same
@@ -63,6 +64,12 @@ SWEEPS = {
     "small": SweepConfig(
         base=presets.get("digits-wrn-28-1-b25"),
         budgets=("5%", "15%", "25%", "50%"),
+    ),
+    # Fashion-MNIST (6,000 / 2,000 images): a test set where one image is 0.05 points.
+    # WRN-16-1's smallest feasible budget is 29.1%.
+    "fashion": SweepConfig(
+        base=presets.get("fashion_mnist-wrn-16-1-b50"),
+        budgets=("10%", "30%", "50%", "75%"),
     ),
     # WRN-28-10's is 13.8% too: budgets below it are skipped with a note.
     "cifar100": SweepConfig(

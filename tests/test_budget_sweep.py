@@ -216,3 +216,11 @@ def test_results_csv_leaves_the_full_models_budget_empty():
     assert text == "method,budget,arch,trainable_params,test_accuracy,seconds\n" + (
         "full,,wrn-10-1,7,0.5,1.2\n"
     )
+
+
+def test_the_fashion_sweep_skips_only_its_budget_below_the_minimum():
+    sweep = budget_sweep.SWEEPS["fashion"]
+    assert sweep.base == presets.get("fashion_mnist-wrn-16-1-b50")
+    kept, notes = budget_sweep.feasible_budgets(sweep.base, sweep.budgets)
+    assert kept == ["30%", "50%", "75%"]
+    assert len(notes) == 1 and "skipped budget 10%" in notes[0] and "29.12%" in notes[0]
