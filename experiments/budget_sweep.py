@@ -1,7 +1,7 @@
 """Accuracy against trainable parameters: SuperWeights and their baselines at several budgets.
 
 python -m experiments.budget_sweep --preset small                 # digits, 2 CPU cores
-python -m experiments.budget_sweep --preset fashion               # Fashion-MNIST subset, 2 CPU cores
+python -m experiments.budget_sweep --preset fashion               # Fashion-MNIST subset
 python -m experiments.budget_sweep --preset cifar100 --data-dir ~/data/cifar-100-python
 
 At every feasible budget it trains (a) the SuperWeight model with the search, (b) the same

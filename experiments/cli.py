@@ -173,8 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     npas.add_argument(
         "--search-epochs",
         type=int,
-        default=SearchConfig.search_epochs,
-        help="epochs of the search phase",
+        default=None,
+        help=f"epochs of the search phase (default {SearchConfig.search_epochs}, at most --epochs)",
     )
     npas.add_argument(
         "--gradient-batches",
@@ -212,7 +212,7 @@ def check_args(args: argparse.Namespace) -> None:
         return "--" + name.replace("_", "-")
 
     for name in ("epochs", "batch_size", "bins", "search_epochs", "gradient_batches"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{flag(name)} must be at least 1")
     for name in ("eval_every", "checkpoint_every", "weight_decay"):
         if getattr(args, name) < 0:
@@ -223,7 +223,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if not -1 <= args.tau <= 1:
         raise ValueError(f"--tau is a cosine similarity, in [-1, 1]; got {args.tau}")
-    if not args.no_search and not args.dense and args.search_epochs > args.epochs:
+    if not args.no_search and not args.dense and (args.search_epochs or 0) > args.epochs:
         raise ValueError(
             f"--search-epochs ({args.search_epochs}) must be at most --epochs ({args.epochs}): "
             "the search phase runs on the same learning-rate schedule"
@@ -267,7 +267,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         ),
         search=SearchConfig(
             search=not args.no_search,
-            search_epochs=args.search_epochs,
+            search_epochs=(
+                min(SearchConfig.search_epochs, args.epochs)
+                if args.search_epochs is None
+                else args.search_epochs
+            ),
             gradient_batches=args.gradient_batches,
             tau=args.tau,
             warm_start=args.warm_start,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import augment
-from experiments.cli import RunConfig, main
+from experiments.cli import RunConfig, config_from_args, main, parse_args
 from experiments.models import build_budgeted, create_members
 from search import SearchResult
 from superweights import Budget
@@ -384,3 +384,12 @@ def test_early_exits_get_an_anytime_curve_of_their_own(tmp_path):
     assert curve[-1]["accuracy"] == summary["test_accuracy"]
     assert "wrn-10-1, exit 1:" in stdout
     assert (out / "anytime.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "search_epochs"),
+    [([], 3), (["--epochs", "2"], 2), (["--epochs", "2", "--search-epochs", "1"], 1)],
+)
+def test_the_default_search_phase_is_three_epochs_or_the_whole_run_if_shorter(args, search_epochs):
+    config = config_from_args(parse_args(["train", *args]))
+    assert config.search.search_epochs == search_epochs
