@@ -369,7 +369,11 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
     with stop_requests() as should_stop:
         common = dict(
-            progress=progress, on_epoch=on_epoch, checkpoints=checkpoints, should_stop=should_stop
+            progress=progress,
+            on_epoch=on_epoch,
+            checkpoints=checkpoints,
+            checkpoint_every=config.checkpoint_every,
+            should_stop=should_stop,
         )
         if config.dense:
             model = resumed[0] if resumed else build_dense(modules)
@@ -384,7 +388,6 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 loop,
                 config.optim,
                 resume=resumed[1:] if resumed else None,
-                checkpoint_every=config.checkpoint_every,
                 **common,
             )
         else:

@@ -157,12 +157,13 @@ def run_search(
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] | None = None,
     checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 1,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
     """Search phase: train the hard-shared model briefly, then split its clusters.
 
-    Its training saves to `checkpoints` (every epoch, at its end and when
-    stopped); `resume=(model, state, position)` goes on from such a checkpoint.
+    Its training saves to `checkpoints` (every `checkpoint_every` epochs, at its
+    end and when stopped); `resume=(model, state, position)` goes on from such a checkpoint.
     The clustering itself is quick and deterministic, so it is redone from the
     last checkpoint rather than saved.
     """
@@ -188,6 +189,7 @@ def run_search(
         stop_after=config.search_epochs,
         should_stop=should_stop,
         checkpoints=checkpoints,
+        checkpoint_every=checkpoint_every,
         resume=resume_point,
     )
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
@@ -214,6 +216,7 @@ def run_npas(
     on_epoch: Callable[[dict], None] | None = None,
     on_search: Callable[[search.SearchResult, BudgetedModel], None] | None = None,
     checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 1,
     should_stop: Callable[[], bool] | None = None,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
     search_checkpoints: Checkpoints | None = None,
@@ -222,7 +225,8 @@ def run_npas(
     """Search (unless `config.search` is off), then train the final model.
 
     `on_search(result, final_model)` is called as soon as the search is done.
-    The final training saves to `checkpoints`; `resume=(model, state, position)`
+    The final training saves to `checkpoints` every `checkpoint_every` epochs
+    (and at the end, and when stopped); `resume=(model, state, position)`
     skips the search and continues that final training where it stopped. The
     search phase saves to `search_checkpoints`, and `search_resume` continues
     it (then the search and the final training follow as usual).
@@ -251,6 +255,7 @@ def run_npas(
             log=log,
             should_stop=should_stop,
             checkpoints=search_checkpoints,
+            checkpoint_every=checkpoint_every,
             resume=search_resume,
         )
         plan = search.searched_plan(searcher.plan, result, budget)
@@ -280,6 +285,7 @@ def run_npas(
         initial=initial,
         interventions=interventions,
         checkpoints=checkpoints,
+        checkpoint_every=checkpoint_every,
         resume=resume_point,
         should_stop=should_stop,
     )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import augment
+from experiments.checkpoint import Checkpoints
 from experiments.cli import RunConfig, config_from_args, main, parse_args
 from experiments.models import build_budgeted, create_members
 from search import SearchResult
@@ -393,3 +394,12 @@ def test_early_exits_get_an_anytime_curve_of_their_own(tmp_path):
 def test_the_default_search_phase_is_three_epochs_or_the_whole_run_if_shorter(args, search_epochs):
     config = config_from_args(parse_args(["train", *args]))
     assert config.search.search_epochs == search_epochs
+
+
+def test_a_budgeted_run_checkpoints_every_n_epochs(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--budget", "80%", "--epochs", "4", "--search-epochs", "1"]
+    code, _, stderr = run([*argv, "--checkpoint-every", "2", "--quiet", "--output-dir", str(out)])
+    assert code == 0, stderr
+    assert Checkpoints(out / "checkpoints").steps() == [6, 12]  # 3 steps an epoch
+    assert Checkpoints(out / "search_checkpoints").steps() == [3]  # its end
