@@ -75,6 +75,7 @@ class RunConfig:
     augmentation: str = "auto"
     output_dir: str | None = None
     checkpoint_every: int = 1
+    checkpoint_steps: int = 0
     keep_checkpoints: int = 3
     compare_dense: bool = False
     loop: LoopConfig = LoopConfig(epochs=15)
@@ -159,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="save a checkpoint every N epochs (with --output-dir; 0: at the end)",
     )
     run.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        default=RunConfig.checkpoint_steps,
+        help="also save one every N steps, mid-epoch included (0: not by steps)",
+    )
+    run.add_argument(
         "--keep-checkpoints",
         type=int,
         default=RunConfig.keep_checkpoints,
@@ -214,7 +221,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "bins", "search_epochs", "gradient_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{flag(name)} must be at least 1")
-    for name in ("eval_every", "checkpoint_every", "weight_decay"):
+    for name in ("eval_every", "checkpoint_every", "checkpoint_steps", "weight_decay"):
         if getattr(args, name) < 0:
             raise ValueError(f"{flag(name)} must not be negative")
     if args.keep_checkpoints < 1:
@@ -254,6 +261,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         augmentation=args.augment,
         output_dir=args.output_dir,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_steps=args.checkpoint_steps,
         keep_checkpoints=args.keep_checkpoints,
         compare_dense=args.compare_dense,
         loop=LoopConfig(
@@ -373,6 +381,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
             on_epoch=on_epoch,
             checkpoints=checkpoints,
             checkpoint_every=config.checkpoint_every,
+            checkpoint_steps=config.checkpoint_steps,
             should_stop=should_stop,
         )
         if config.dense:
@@ -498,7 +507,12 @@ def check_same_config(config, out: Path) -> None:
     """Refuses to resume, in `out`, a run made with another configuration."""
     saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     current = json.loads(json.dumps(dataclasses.asdict(config)))
-    for where in ("output_dir", "checkpoint_every", "keep_checkpoints"):  # not the results
+    for where in (
+        "output_dir",
+        "checkpoint_every",
+        "checkpoint_steps",
+        "keep_checkpoints",
+    ):  # not the results
         saved.pop(where, None)
         current.pop(where)
     if saved != current:

@@ -158,14 +158,16 @@ def run_search(
     should_stop: Callable[[], bool] | None = None,
     checkpoints: Checkpoints | None = None,
     checkpoint_every: int = 1,
+    checkpoint_steps: int = 0,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
     """Search phase: train the hard-shared model briefly, then split its clusters.
 
-    Its training saves to `checkpoints` (every `checkpoint_every` epochs, at its
-    end and when stopped); `resume=(model, state, position)` goes on from such a checkpoint.
-    The clustering itself is quick and deterministic, so it is redone from the
-    last checkpoint rather than saved.
+    Its training saves to `checkpoints` (every `checkpoint_every` epochs or
+    `checkpoint_steps` steps, at its end and when stopped);
+    `resume=(model, state, position)` goes on from such a checkpoint. The
+    clustering itself is quick and deterministic, so it is redone from the last
+    checkpoint rather than saved.
     """
     if resume is not None:
         searcher, resume_point = resume[0], resume[1:]
@@ -190,6 +192,7 @@ def run_search(
         should_stop=should_stop,
         checkpoints=checkpoints,
         checkpoint_every=checkpoint_every,
+        checkpoint_steps=checkpoint_steps,
         resume=resume_point,
     )
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
@@ -217,6 +220,7 @@ def run_npas(
     on_search: Callable[[search.SearchResult, BudgetedModel], None] | None = None,
     checkpoints: Checkpoints | None = None,
     checkpoint_every: int = 1,
+    checkpoint_steps: int = 0,
     should_stop: Callable[[], bool] | None = None,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
     search_checkpoints: Checkpoints | None = None,
@@ -226,8 +230,9 @@ def run_npas(
 
     `on_search(result, final_model)` is called as soon as the search is done.
     The final training saves to `checkpoints` every `checkpoint_every` epochs
-    (and at the end, and when stopped); `resume=(model, state, position)`
-    skips the search and continues that final training where it stopped. The
+    or `checkpoint_steps` steps (and at the end, and when stopped);
+    `resume=(model, state, position)` skips the search and continues that final
+    training where it stopped. The
     search phase saves to `search_checkpoints`, and `search_resume` continues
     it (then the search and the final training follow as usual).
 
@@ -256,6 +261,7 @@ def run_npas(
             should_stop=should_stop,
             checkpoints=search_checkpoints,
             checkpoint_every=checkpoint_every,
+            checkpoint_steps=checkpoint_steps,
             resume=search_resume,
         )
         plan = search.searched_plan(searcher.plan, result, budget)
@@ -286,6 +292,7 @@ def run_npas(
         interventions=interventions,
         checkpoints=checkpoints,
         checkpoint_every=checkpoint_every,
+        checkpoint_steps=checkpoint_steps,
         resume=resume_point,
         should_stop=should_stop,
     )

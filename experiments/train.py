@@ -206,6 +206,7 @@ def train(
     stop_after: int | None = None,
     checkpoints: Checkpoints | None = None,
     checkpoint_every: int = 1,
+    checkpoint_steps: int = 0,
     resume: tuple[TrainState, Position] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainState, dict]:
@@ -225,9 +226,9 @@ def train(
         optimizer state passed back must match them).
       stop_after: end after this many epochs, the schedule still spanning
         `loop.epochs` (a search phase at the full learning rate).
-      checkpoints: where to save the state every `checkpoint_every` epochs, at
-        the end, and when `should_stop()` turns true (then `Interrupted` is
-        raised after saving).
+      checkpoints: where to save the state every `checkpoint_every` epochs,
+        every `checkpoint_steps` steps (0: not by steps), at the end, and when
+        `should_stop()` turns true (then `Interrupted` is raised after saving).
       resume: `(state, position)` from `Checkpoints.restore_latest`; training
         goes on from there exactly as if never stopped. `model` must be the one
         the state belongs to (after any unsharing it went through).
@@ -281,6 +282,9 @@ def train(
             extra = {"plan": model.plan.to_json()} if hasattr(model, "plan") else {}
             checkpoints.save(state, at, extra)
 
+    def due(step: int) -> bool:
+        return bool(checkpoint_steps) and step % checkpoint_steps == 0
+
     bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     bar.update(int(state.step))
     metrics: dict = dict(position.metrics) if position else {}
@@ -306,10 +310,12 @@ def train(
             )
             losses.append(step_metrics["loss"])
             bar.update()
-            if should_stop is not None and should_stop():
-                bar.close()
+            stop = should_stop is not None and should_stop()
+            if stop or (index + 1 < steps and due((epoch - 1) * steps + index + 1)):
                 host_losses = tuple(float(x) for x in jax.device_get(losses))
                 save(state, Position(epoch, index + 1, epoch_start, host_losses, metrics))
+            if stop:
+                bar.close()
                 raise Interrupted(
                     f"stopped at step {int(state.step)} (epoch {epoch}); "
                     + ("checkpoint saved, " if checkpoints else "no checkpoint directory, ")
@@ -342,7 +348,11 @@ def train(
         bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
         if on_epoch:
             on_epoch(metrics)
-        if epoch == last_epoch or (checkpoint_every and epoch % checkpoint_every == 0):
+        if (
+            epoch == last_epoch
+            or (checkpoint_every and epoch % checkpoint_every == 0)
+            or due(epoch * steps)
+        ):
             save(state, Position(epoch + 1, 0, order.bit_generator.state, (), metrics))
     bar.close()
     return state, metrics

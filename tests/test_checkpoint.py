@@ -229,3 +229,30 @@ def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_p
         assert resumed[key] == whole[key], key
     search = json.loads((out / "search.json").read_text())
     assert search == json.loads((tmp_path / "whole" / "search.json").read_text())
+
+
+def test_checkpoints_every_n_steps_land_mid_epoch_and_resume_exactly(digits, model, tmp_path):
+    reference, reference_metrics = train(model, digits, LOOP, OPTIM, progress=False)
+    checkpoints = Checkpoints(tmp_path / "ckpt", keep=10)
+    train(
+        model,
+        digits,
+        LOOP,
+        OPTIM,
+        progress=False,
+        checkpoints=checkpoints,
+        checkpoint_every=0,
+        checkpoint_steps=5,
+    )
+    assert checkpoints.steps() == [5, 10, 12]  # 4 steps an epoch, and the end
+
+    checkpoints.manager.delete(12)  # as if the run had been killed after step 10
+    state, position, _ = checkpoints.restore_latest(
+        lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
+    )
+    assert (int(state.step), position.epoch, position.batches_done) == (10, 3, 2)
+    resumed, metrics = train(model, digits, LOOP, OPTIM, progress=False, resume=(state, position))
+    assert leaves_equal(resumed.params, reference.params)
+    assert leaves_equal(resumed.opt_state, reference.opt_state)
+    for key in ("train_loss", "test_accuracy"):
+        assert metrics[key] == reference_metrics[key], key
