@@ -503,16 +503,15 @@ def write_csv(jsonl: Path, csv_path: Path) -> None:
         writer.writerows(rows)
 
 
+WHERE_AND_WHEN_SAVED = ("output_dir", "checkpoint_every", "checkpoint_steps", "keep_checkpoints")
+"""Settings a resumed run may change: they do not change its results."""
+
+
 def check_same_config(config, out: Path) -> None:
     """Refuses to resume, in `out`, a run made with another configuration."""
     saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     current = json.loads(json.dumps(dataclasses.asdict(config)))
-    for where in (
-        "output_dir",
-        "checkpoint_every",
-        "checkpoint_steps",
-        "keep_checkpoints",
-    ):  # not the results
+    for where in WHERE_AND_WHEN_SAVED:
         saved.pop(where, None)
         current.pop(where)
     if saved != current:

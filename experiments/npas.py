@@ -232,9 +232,9 @@ def run_npas(
     The final training saves to `checkpoints` every `checkpoint_every` epochs
     or `checkpoint_steps` steps (and at the end, and when stopped);
     `resume=(model, state, position)` skips the search and continues that final
-    training where it stopped. The
-    search phase saves to `search_checkpoints`, and `search_resume` continues
-    it (then the search and the final training follow as usual).
+    training where it stopped. The search phase saves to `search_checkpoints`,
+    and `search_resume` continues it (then the search and the final training
+    follow as usual).
 
     Returns `{"model", "state", "metrics", "search" (SearchResult or None),
     "searcher", "initial_plan", "unshare"}`; `model` is the final one, after
