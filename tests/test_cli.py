@@ -403,3 +403,15 @@ def test_a_budgeted_run_checkpoints_every_n_epochs(tmp_path):
     assert code == 0, stderr
     assert Checkpoints(out / "checkpoints").steps() == [6, 12]  # 3 steps an epoch
     assert Checkpoints(out / "search_checkpoints").steps() == [3]  # its end
+
+
+def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense_run, tmp_path):
+    *_, first, argv = dense_run
+    out = tmp_path / "again"
+    shutil.copytree(first, out)
+    code, _, stderr = run([*argv[:-1], str(out), "--lr", "0.05"])
+    assert code == 2
+    assert "holds checkpoints of a run with other settings (optim)" in stderr
+    code, stdout, stderr = run([*argv[:-1], str(out), "--checkpoint-every", "2"])
+    assert code == 0, stderr
+    assert "resuming training from step" in stdout
