@@ -1,14 +1,16 @@
 """Accuracy against trainable parameters: SuperWeights and their baselines at several budgets.
 
 python -m experiments.budget_sweep --preset small                 # digits, 2 CPU cores
+python -m experiments.budget_sweep --preset small --seeds 0,1,2   # mean and spread
 python -m experiments.budget_sweep --preset fashion               # Fashion-MNIST subset
 python -m experiments.budget_sweep --preset cifar100 --data-dir ~/data/cifar-100-python
 
 At every feasible budget it trains (a) the SuperWeight model with the search, (b) the same
 with the initial clusters only, (c) the same Wide ResNet at the width whose parameter count is
-closest to (a)'s trainable parameters; and (d) the full model once (method.md section 10).
-All runs share the base config's recipe. Writes `results.csv`, `results.md` and
-`accuracy_vs_params.png` to `--output-dir`, and each run's own files under `runs/`.
+closest to (a)'s trainable parameters; and (d) the full model once (method.md section 10);
+all of it once per seed. All runs share the base config's recipe. Writes `results.csv` (a row
+per run), `results.md` (mean and spread over the seeds) and `accuracy_vs_params.png` to
+`--output-dir`, and each run's own files under `runs/`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import functools
 import io
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +47,7 @@ LABELS = {
     "reduced-width": "reduced width",
     "full": "full model",
 }
-COLUMNS = ("method", "budget", "arch", "trainable_params", "test_accuracy", "seconds")
+COLUMNS = ("method", "budget", "seed", "arch", "trainable_params", "test_accuracy", "seconds")
 NO_DATA_DIR = ("digits", "fashion_mnist")
 """Data sets found without `--data-dir` (embedded, or where Debian installs them)."""
 WIDTH_STEP = 1 / 64
@@ -53,28 +56,30 @@ WIDTH_STEP = 1 / 64
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """A sweep: one base run (its recipe shared by every run) and the budgets to try."""
+    """A sweep: one base run (its recipe shared by every run), the budgets and the seeds."""
 
     base: RunConfig
     budgets: tuple[str, ...] = ("2%", "5%", "10%", "25%", "50%")
+    seeds: tuple[int, ...] = (0,)
 
 
 SWEEPS = {
-    # WRN-28-1's smallest feasible budget is 13.8%: 5% is there to show the skip.
+    # WRN-28-1's smallest feasible budget is 0.74% (13.75% with full-size templates only):
+    # 0.5% is there to show the skip.
     "small": SweepConfig(
         base=presets.get("digits-wrn-28-1-b25"),
-        budgets=("5%", "15%", "25%", "50%"),
+        budgets=("0.5%", "2%", "5%", "10%", "25%"),
     ),
     # Fashion-MNIST (6,000 / 2,000 images): a test set where one image is 0.05 points.
-    # WRN-16-1's smallest feasible budget is 29.1%.
+    # WRN-16-1's full-size templates need 29.1%; below it the templates are sub-layer.
     "fashion": SweepConfig(
         base=presets.get("fashion_mnist-wrn-16-1-b50"),
-        budgets=("10%", "30%", "50%", "75%"),
+        budgets=("2%", "5%", "10%", "30%", "50%"),
     ),
-    # WRN-28-10's is 13.8% too: budgets below it are skipped with a note.
+    # WRN-28-10 at SSN's low budgets and the paper's (full-size templates from 13.8%).
     "cifar100": SweepConfig(
         base=presets.get("cifar100-wrn-28-10-b25"),
-        budgets=("2%", "5%", "10%", "15%", "25%", "50%"),
+        budgets=("1%", "2%", "5%", "10%", "15%", "25%", "50%"),
     ),
 }
 
@@ -85,6 +90,7 @@ class Result:
 
     method: str
     budget: str | None
+    seed: int
     arch: str
     trainable_params: int
     test_accuracy: float
@@ -171,8 +177,12 @@ def budget_slug(budget: str) -> str:
     return "b" + re.sub(r"[^0-9A-Za-z.]", "", budget)
 
 
-def method_config(base: RunConfig, method: str, budget: str | None, arch: str) -> RunConfig:
-    """`base` set up for one method; only the model and budget change, never the recipe."""
+def method_config(
+    base: RunConfig, method: str, budget: str | None, arch: str, seed: int | None = None
+) -> RunConfig:
+    """`base` set up for one method and seed; only the model, budget and seed change."""
+    if seed is not None:
+        base = dataclasses.replace(base, loop=dataclasses.replace(base.loop, seed=seed))
     if method == "search" or method == "no-search":
         search = dataclasses.replace(base.search, search=method == "search")
         return dataclasses.replace(base, arch=arch, budget=budget, dense=False, search=search)
@@ -187,9 +197,12 @@ def run_sweep(
     verbose: bool = False,
     keep_runs: bool = True,
 ) -> list[Result]:
-    """Trains every method at every feasible budget, then the full model; writes the results.
+    """Trains every method at every feasible budget, then the full model, once per seed;
+    writes the results.
 
-    With `keep_runs`, each run's own files (plan, metrics, figures) go to `runs/<method-budget>`.
+    The reduced-width baseline's width is chosen once per budget, from the first seed's
+    searched model. With `keep_runs`, each run's own files (plan, metrics, figures) go to
+    `runs/<method-budget-seed>`.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,20 +213,29 @@ def run_sweep(
         log(note)
     if not budgets:
         raise BudgetError(f"no budget of {list(sweep.budgets)} is feasible for {base.arch}")
-    total = 3 * len(budgets) + 1
+    seeds = tuple(sweep.seeds)
+    if not seeds:
+        raise ValueError("give at least one seed")
+    total = (3 * len(budgets) + 1) * len(seeds)
     results: list[Result] = []
 
-    def run(method: str, budget: str | None, arch: str) -> Result:
+    def run(method: str, budget: str | None, arch: str, seed: int) -> Result:
         name = method if budget is None else f"{method}-{budget_slug(budget)}"
-        config = method_config(base, method, budget, arch)
+        name += f"-s{seed}" if len(seeds) > 1 else ""
+        config = method_config(base, method, budget, arch, seed)
         run_dir = str(out / "runs" / name) if keep_runs else None
         config = dataclasses.replace(config, output_dir=run_dir)
-        log(f"[{len(results) + 1}/{total}] {LABELS[method]}, {arch}, budget {budget or '-'}")
+        seed_text = f", seed {seed}" if len(seeds) > 1 else ""
+        log(
+            f"[{len(results) + 1}/{total}] {LABELS[method]}, {arch}, "
+            f"budget {budget or '-'}{seed_text}"
+        )
         start = time.perf_counter()
         summary = run_training(config, progress=verbose, log=log if verbose else _silent)
         result = Result(
             method,
             budget,
+            seed,
             arch,
             summary["trainable_params"],
             summary["test_accuracy"],
@@ -227,13 +249,16 @@ def run_sweep(
         return result
 
     for budget in budgets:
-        searched = run("search", budget, base.arch)
-        run("no-search", budget, base.arch)
-        reduced = reduced_width_arch(
-            base.arch, searched.trainable_params, num_classes=num_classes, in_channels=shape[2]
-        )
-        run("reduced-width", budget, reduced)
-    run("full", None, base.arch)
+        reduced = None
+        for seed in seeds:
+            searched = run("search", budget, base.arch, seed)
+            run("no-search", budget, base.arch, seed)
+            reduced = reduced or reduced_width_arch(
+                base.arch, searched.trainable_params, num_classes=num_classes, in_channels=shape[2]
+            )
+            run("reduced-width", budget, reduced, seed)
+    for seed in seeds:
+        run("full", None, base.arch, seed)
     write_results(results, notes, out)
     log(markdown_table(results))
     return results
@@ -262,17 +287,56 @@ def method_label(result: Result) -> str:
     return LABELS[result.method]
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """The runs of one method at one budget, over the seeds."""
+
+    runs: tuple[Result, ...]
+
+    @property
+    def first(self) -> Result:
+        return self.runs[0]
+
+    @property
+    def trainable_params(self) -> int:
+        """The mean over the seeds (the search may find other clusters per seed)."""
+        return round(statistics.fmean(r.trainable_params for r in self.runs))
+
+    @property
+    def accuracy(self) -> float:
+        return statistics.fmean(r.test_accuracy for r in self.runs)
+
+    @property
+    def spread(self) -> float:
+        """Sample standard deviation of the accuracy over the seeds (0 for one seed)."""
+        if len(self.runs) < 2:
+            return 0.0
+        return statistics.stdev(r.test_accuracy for r in self.runs)
+
+
+def rows(results: Sequence[Result]) -> list[Row]:
+    """Results grouped by (method, budget, arch), in order of first appearance."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.budget, r.arch), []).append(r)
+    return [Row(tuple(runs)) for runs in groups.values()]
+
+
 def markdown_table(results: Sequence[Result]) -> str:
-    """| method | budget | trainable params | test accuracy |, one row per run."""
+    """| method | budget | trainable params | test accuracy |: per method and budget, the mean
+    accuracy, and `± std` over the seeds where there are several."""
     lines = [
         "| method | budget | trainable params | test accuracy |",
         "| --- | ---: | ---: | ---: |",
     ]
-    lines += [
-        f"| {method_label(r)} | {r.budget or '-'} | {r.trainable_params:,} | "
-        f"{r.test_accuracy:.2%} |"
-        for r in results
-    ]
+    for row in rows(results):
+        accuracy = f"{row.accuracy:.2%}"
+        if len(row.runs) > 1:
+            accuracy += f" ± {row.spread:.2%}"
+        lines.append(
+            f"| {method_label(row.first)} | {row.first.budget or '-'} | "
+            f"{row.trainable_params:,} | {accuracy} |"
+        )
     return "\n".join(lines)
 
 
@@ -280,20 +344,23 @@ def accuracy_figure(results: Sequence[Result], path: str | Path) -> Path:
     """Test accuracy against trainable parameters (log x): one line per method, the full
     model as a point and a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    grouped = rows(results)
     for method in METHODS[:3]:
-        rows = sorted((r for r in results if r.method == method), key=lambda r: r.trainable_params)
-        if rows:
-            ax.plot(
-                [r.trainable_params for r in rows],
-                [100 * r.test_accuracy for r in rows],
+        line = sorted((r for r in grouped if r.first.method == method), key=_params)
+        if line:
+            ax.errorbar(
+                [r.trainable_params for r in line],
+                [100 * r.accuracy for r in line],
+                yerr=[100 * r.spread for r in line],
                 marker="o",
+                capsize=3,
                 label=LABELS[method],
             )
-    for r in results:
-        if r.method == "full":
-            ax.axhline(100 * r.test_accuracy, color="black", linestyle="--", linewidth=0.8)
-            ax.plot(r.trainable_params, 100 * r.test_accuracy, "k*", markersize=10)
-            ax.plot([], [], "k*--", label=f"{LABELS['full']} ({r.arch})")
+    for r in grouped:
+        if r.first.method == "full":
+            ax.axhline(100 * r.accuracy, color="black", linestyle="--", linewidth=0.8)
+            ax.plot(r.trainable_params, 100 * r.accuracy, "k*", markersize=10)
+            ax.plot([], [], "k*--", label=f"{LABELS['full']} ({r.first.arch})")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test accuracy (%)")
@@ -302,6 +369,10 @@ def accuracy_figure(results: Sequence[Result], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _params(row: Row) -> int:
+    return row.trainable_params
 
 
 def write_results(results: Sequence[Result], notes: Sequence[str], out: Path) -> None:
@@ -325,6 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None, help="default: runs/budget-sweep-<preset>")
     parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
     parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 15%%,25%%")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--verbose", action="store_true", help="every run's own log")
     return parser.parse_args(argv)
@@ -342,7 +414,15 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
     budgets = sweep.budgets
     if args.budgets:
         budgets = tuple(b.strip() for b in args.budgets.split(","))
-    return SweepConfig(base=base, budgets=budgets)
+    seeds = sweep.seeds
+    if args.seeds:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--seeds takes whole numbers like 0,1,2; got {args.seeds!r}"
+            ) from None
+    return SweepConfig(base=base, budgets=budgets, seeds=seeds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from experiments.train import (
 )
 from search import SearchResult
 from superweights import Budget, BudgetError, Plan, SharingRule, from_plan
+from superweights.budget import SUBLAYER_TEMPLATES
 
 DEFAULT_AUGMENTATION = {
     "cifar10": "cifar",
@@ -68,6 +69,7 @@ class RunConfig:
     budget: str = "25%"
     scope: str = "banks"
     bins: int = 4
+    sublayer_templates: int = SUBLAYER_TEMPLATES
     share_dense: bool = False
     dense: bool = False
     train_size: int | None = None
@@ -106,6 +108,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bins", type=int, default=RunConfig.bins, help="depth bins of the initial clusters"
+    )
+    parser.add_argument(
+        "--sublayer-templates",
+        type=int,
+        default=RunConfig.sublayer_templates,
+        help="templates per bank below one full-size template per bank (0: refuse such "
+        "budgets, the paper's geometry only)",
     )
     parser.add_argument("--share-dense", action="store_true", help="share dense kernels too")
 
@@ -224,6 +233,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("eval_every", "checkpoint_every", "checkpoint_steps", "weight_decay"):
         if getattr(args, name) < 0:
             raise ValueError(f"{flag(name)} must not be negative")
+    if args.sublayer_templates < 0:
+        raise ValueError("--sublayer-templates must not be negative (0: full-size only)")
     if args.keep_checkpoints < 1:
         raise ValueError("--keep-checkpoints must be at least 1")
     if not args.lr > 0:
@@ -254,6 +265,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         budget=args.budget,
         scope=args.scope,
         bins=args.bins,
+        sublayer_templates=args.sublayer_templates,
         share_dense=args.share_dense,
         dense=args.dense,
         train_size=args.train_size,
@@ -403,7 +415,12 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
             rule = SharingRule(share_dense=config.share_dense)
             # Validate the budget against the initial clusters before any training.
             initial = build_budgeted(
-                modules, budget, sample, bins=config.bins, share_dense=config.share_dense
+                modules,
+                budget,
+                sample,
+                bins=config.bins,
+                share_dense=config.share_dense,
+                sublayer_templates=config.sublayer_templates,
             )
             log(
                 f"{config.arch} at budget {budget.describe()}; initial clusters:\n"
@@ -419,6 +436,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 config.search,
                 bins=config.bins,
                 rule=rule,
+                sublayer_templates=config.sublayer_templates,
                 log=log,
                 on_search=on_search,
                 resume=resumed,
@@ -653,6 +671,7 @@ def run_report(args: argparse.Namespace, log=print) -> None:
         sample,
         bins=args.bins,
         share_dense=args.share_dense,
+        sublayer_templates=args.sublayer_templates,
     )
     log(f"{args.arch} at budget {model.plan.budget.describe()}\n{model.report()}")
 

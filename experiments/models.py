@@ -11,6 +11,7 @@ from flax import nnx
 import archs
 import superweights
 from superweights import Budget, BudgetedModel, Member, SharingRule, nnx_member
+from superweights.budget import SUBLAYER_TEMPLATES
 from superweights.model import apply_members
 
 
@@ -79,9 +80,17 @@ def build_budgeted(
     *,
     bins: int = 4,
     share_dense: bool = False,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
 ) -> BudgetedModel:
     rule = SharingRule(share_dense=share_dense)
-    return superweights.budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
+    return superweights.budgeted(
+        modules,
+        budget,
+        sample_input=sample_input,
+        bins=bins,
+        rule=rule,
+        sublayer_templates=sublayer_templates,
+    )
 
 
 def build_dense(modules: dict[str, nnx.Module]) -> DenseModel:

@@ -24,6 +24,7 @@ from experiments.checkpoint import Checkpoints, Position
 from experiments.data import Dataset, batches
 from experiments.train import LoopConfig, OptimConfig, TrainState, cross_entropy, train
 from superweights import Budget, BudgetedModel, BudgetError, budgeted
+from superweights.budget import SUBLAYER_TEMPLATES
 from superweights.model import apply_members
 
 
@@ -153,6 +154,7 @@ def run_search(
     *,
     bins: int = 4,
     rule=None,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
     progress: bool = True,
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] | None = None,
@@ -179,6 +181,7 @@ def run_search(
             bins=bins,
             rule=rule,
             shared_coefficients=True,
+            sublayer_templates=sublayer_templates,
         )
         resume_point = None
     log(f"search phase: {config.search_epochs} epochs on the initial clusters")
@@ -214,6 +217,7 @@ def run_npas(
     *,
     bins: int = 4,
     rule=None,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict], None] | None = None,
@@ -244,7 +248,14 @@ def run_npas(
     if resume is not None:
         final, resume_point = resume[0], resume[1:]
     elif not config.search:
-        final = budgeted(modules, budget, sample_input=sample_input, bins=bins, rule=rule)
+        final = budgeted(
+            modules,
+            budget,
+            sample_input=sample_input,
+            bins=bins,
+            rule=rule,
+            sublayer_templates=sublayer_templates,
+        )
     else:
         searcher, result, search_state = run_search(
             modules,
@@ -256,6 +267,7 @@ def run_npas(
             config,
             bins=bins,
             rule=rule,
+            sublayer_templates=sublayer_templates,
             progress=progress,
             log=log,
             should_stop=should_stop,

@@ -153,6 +153,7 @@ def minimum_budget(config: RunConfig) -> tuple[int, int]:
         bins=config.bins,
         rule=SharingRule(share_dense=config.share_dense),
         fill=False,
+        sublayer_templates=config.sublayer_templates,
     ).plan
     full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
     return plan.minimum_budget, full

@@ -2,6 +2,7 @@
 
 from search.clustering import (
     ClusterSimilarity,
+    RefusedSplit,
     SearchResult,
     canonical_labels,
     cluster_by_similarity,
@@ -22,6 +23,7 @@ from search.unshare import (
 
 __all__ = [
     "ClusterSimilarity",
+    "RefusedSplit",
     "SearchResult",
     "build_clusters",
     "canonical_labels",

@@ -28,7 +28,7 @@ from scipy.spatial.distance import squareform
 from search.matching import CoefficientMap, build_clusters, match_layers
 from search.similarity import similarity_matrix
 from superweights import Budget, BudgetError, Cluster, Plan, make_plan
-from superweights.budget import BankDemand, minimum_budget
+from superweights.budget import minimum_budget
 from superweights.plan import bank_layout, largest_member
 
 
@@ -84,6 +84,23 @@ class ClusterSimilarity:
 
 
 @dataclasses.dataclass(frozen=True)
+class RefusedSplit:
+    """A threshold whose clusters did not fit the budget.
+
+    Attributes:
+      tau: the threshold tried.
+      clusters: how many clusters it made.
+      minimum_budget: their minimum feasible budget, above the budget.
+      reason: the same in words, for `search.json` readers.
+    """
+
+    tau: float
+    clusters: int
+    minimum_budget: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchResult:
     """What the search found; JSON round-trips through `to_json`/`from_json`.
 
@@ -98,6 +115,7 @@ class SearchResult:
       leader: the member that was clustered (the largest).
       minimum_budget: the new clusters' minimum feasible budget.
       budget_params: the budget searched for, in the plan's scope.
+      refused: the thresholds tried before `tau`, whose clusters did not fit.
     """
 
     clusters: tuple[Cluster, ...]
@@ -109,6 +127,7 @@ class SearchResult:
     leader: str
     minimum_budget: int
     budget_params: int
+    refused: tuple[RefusedSplit, ...] = ()
 
     @property
     def cluster_of(self) -> dict[str, str]:
@@ -145,6 +164,7 @@ class SearchResult:
             leader=raw["leader"],
             minimum_budget=int(raw["minimum_budget"]),
             budget_params=int(raw["budget_params"]),
+            refused=tuple(RefusedSplit(**r) for r in raw.get("refused", ())),
         )
 
     @classmethod
@@ -155,15 +175,20 @@ class SearchResult:
 def clusters_minimum_budget(
     plan: Plan, clusters, coefficients: CoefficientMap, scope: str | None = None
 ) -> int:
-    """One template per (cluster, level) for `clusters`, counted as `make_plan` would.
+    """The minimum feasible budget of `clusters`, counted as `make_plan` would.
 
-    In `"model"` scope, coefficients (one entry per group per bank) and the
-    per-member params count too.
+    One template per (cluster, level): of the smallest sub-layer size where the
+    plan allows sub-layer geometry, else full size. In `"model"` scope,
+    coefficients and the per-member params count too.
     """
     model_scope = (scope or plan.budget.scope) == "model"
     banks = bank_layout(clusters, plan.layers, coefficients)
-    demands = [BankDemand(b.piece_size, b.users, len(b.groups)) for b in banks]
-    return minimum_budget(demands, plan.unshared_params * model_scope, model_scope)
+    return minimum_budget(
+        [b.demand() for b in banks],
+        plan.unshared_params * model_scope,
+        model_scope,
+        sublayer=plan.sublayer_templates > 0,
+    )
 
 
 def resolve_budget(plan: Plan, budget: Budget | None) -> int:
@@ -251,7 +276,7 @@ def search_clusters(
     matches = match_layers(plan, gradients, leader)
     budget_params = resolve_budget(plan, budget)
     scope = (budget or plan.budget).scope
-    attempt = 0
+    attempt, refused = 0, []
     while True:
         current = round(tau - attempt * step, 10)
         clusters, coefficients, assignment = build_clusters(
@@ -269,7 +294,17 @@ def search_clusters(
                 leader=leader,
                 minimum_budget=minimum,
                 budget_params=budget_params,
+                refused=tuple(refused),
             )
+        refused.append(
+            RefusedSplit(
+                current,
+                len(clusters),
+                minimum,
+                f"{len(clusters)} clusters need at least {minimum:,} parameters, "
+                f"over the budget of {budget_params:,} ({scope} scope)",
+            )
+        )
         if current < -1:
             break
         attempt += 1
@@ -285,8 +320,10 @@ def searched_plan(
 ) -> Plan:
     """The final model's Plan: `result`'s clusters and coefficients under `budget`.
 
-    `allocation` goes to `make_plan` (`cap`, `passes`, `fill`).
+    `allocation` goes to `make_plan` (`cap`, `passes`, `fill`, `sublayer_templates`,
+    which is the search plan's unless given).
     """
+    allocation.setdefault("sublayer_templates", plan.sublayer_templates)
     return make_plan(
         plan.layers,
         plan.unshared,

@@ -48,7 +48,8 @@ def coefficient_gradient_groups(
 
     Args:
       plan: the plan being trained.
-      coefficient_grads: `{(layer id, level): dL/dalpha [k]}` accumulated over
+      coefficient_grads: `{(layer id, level): dL/dalpha}` (`[k]`, or `[blocks, k]`)
+        accumulated over
         many batches, e.g. from `layer_coefficient_gradients`; needed for every
         layer that shares a group.
       threshold: cosine at or below which two layers stop sharing.
@@ -65,7 +66,8 @@ def coefficient_gradient_groups(
         for group, ids in users.items():
             if len(ids) < 2:
                 continue
-            vectors = [_vector(coefficient_grads, (i, bank.level), bank.num_templates) for i in ids]
+            row = bank.coefficient_shape[1:]
+            vectors = [_vector(coefficient_grads, (i, bank.level), row) for i in ids]
             labels = cluster_by_similarity(similarity_matrix(vectors), threshold)
             names = [group]
             for _ in range(1, labels.max() + 1):
@@ -76,13 +78,14 @@ def coefficient_gradient_groups(
     return tuple((i, tuple(groups[i])) for i, _ in plan.coefficients)
 
 
-def _vector(grads: Mapping[LevelKey, Any], key: LevelKey, size: int) -> np.ndarray:
+def _vector(grads: Mapping[LevelKey, Any], key: LevelKey, shape: tuple[int, ...]) -> np.ndarray:
+    """The gradient of one coefficient row (`[k]`, or `[blocks, k]` below full size), flat."""
     if key not in grads:
         raise ValueError(f"no coefficient gradient for layer {key[0]} at level {key[1]}")
     vector = np.asarray(grads[key])
-    if vector.shape != (size,):
-        raise ValueError(f"coefficient gradient of {key} has shape {vector.shape}, not ({size},)")
-    return vector
+    if vector.shape != shape:
+        raise ValueError(f"coefficient gradient of {key} has shape {vector.shape}, not {shape}")
+    return vector.reshape(-1)
 
 
 def _with_coefficients(plan: Plan, coefficients: CoefficientMap) -> Plan:
@@ -133,8 +136,8 @@ def source_rows(old_plan: Plan, new_plan: Plan) -> dict[str, np.ndarray]:
     rows = {}
     for bank in new_plan.banks:
         old_bank = old_plan.bank[bank.cluster, bank.level]
-        if old_bank.num_templates != bank.num_templates:
-            raise ValueError(f"bank {bank.key} changed its number of templates")
+        if (old_bank.num_templates, old_bank.size) != (bank.num_templates, bank.size):
+            raise ValueError(f"bank {bank.key} changed its number or size of templates")
         source: dict[str, set[int]] = {g: set() for g in bank.groups}
         for layer_id in clusters[bank.cluster].layers:
             groups = new_plan.groups_of[layer_id]
@@ -153,7 +156,7 @@ def source_rows(old_plan: Plan, new_plan: Plan) -> dict[str, np.ndarray]:
 def _coefficient_key(plan: Plan, path: tuple, leaf: Any) -> str | None:
     """The bank key when `path` leads to a coefficient matrix of `plan`, else None.
 
-    Matches `{bank key: [groups, k]}` on its own, or under a `"coefficients"` key
+    Matches `{bank key: [groups, ...]}` on its own, or under a `"coefficients"` key
     (a bank, or params holding a bank).
     """
     keys = [getattr(k, "key", None) for k in path]
@@ -162,7 +165,7 @@ def _coefficient_key(plan: Plan, path: tuple, leaf: Any) -> str | None:
     if len(keys) > 1 and keys[-2] != "coefficients":
         return None
     bank = next(b for b in plan.banks if b.key == keys[-1])
-    expected = (len(bank.groups), bank.num_templates)
+    expected = bank.coefficient_shape
     if np.shape(leaf) != expected:
         raise ValueError(
             f"coefficients {jax.tree_util.keystr(path)} have shape {np.shape(leaf)}, "
@@ -176,7 +179,7 @@ def expand_coefficients(old_plan: Plan, new_plan: Plan, tree: Any) -> Any:
 
     Each new row is a copy of its source group's row (`source_rows`), so the
     composed weights are unchanged right after unsharing. `tree` is the bank's
-    `{bank key: [groups, k]}` coefficients, a bank, or params holding one under
+    `{bank key: [groups, ...]}` coefficients, a bank, or params holding one under
     `"coefficients"`; every other leaf is returned as it is.
     """
     rows = source_rows(old_plan, new_plan)
@@ -235,7 +238,7 @@ def expand_optimizer_state(old_plan: Plan, new_plan: Plan, params: Any, opt_stat
 def layer_coefficient_gradients(
     plan: Plan, bank: Mapping[str, Any], weight_grads: Mapping[str, Any]
 ) -> dict[LevelKey, jax.Array]:
-    """`{(layer id, level): dL/dalpha [k]}` from `{layer id: dL/dW}`.
+    """`{(layer id, level): dL/dalpha}` (one coefficient row each) from `{layer id: dL/dW}`.
 
     Layers sharing a vector read the same row, so the bank's own gradient sums
     their contributions. Here every layer gets its own copy of its row (the

@@ -104,7 +104,10 @@ class Allocation:
       partial: entries of the partial template per bank (0 = none).
       spent: parameters used in the budget's scope.
       leftover: parameters of the budget left unspent.
-      paper_templates: templates per bank by the paper's two-phase rule alone.
+      paper_templates: templates per bank by the paper's two-phase rule alone
+        (zeros where the budget is below the full-size floor).
+      template_sizes: entries of one template per bank: the piece size, or
+        less in sub-layer geometry.
     """
 
     templates: tuple[int, ...]
@@ -112,11 +115,145 @@ class Allocation:
     spent: int
     leftover: int
     paper_templates: tuple[int, ...]
+    template_sizes: tuple[int, ...]
 
 
-def minimum_budget(demands: Sequence[BankDemand], fixed: int, count_coefficients: bool) -> int:
-    """Parameters needed for one template per bank (plus `fixed` per-member ones)."""
+SUBLAYER_TEMPLATES = 2
+"""Templates per bank below the full-size floor (sub-layer geometry); see `allocate`."""
+
+
+def bank_cost(demand: BankDemand, templates: int, size: int, count_coefficients: bool) -> int:
+    """Parameters of a bank with `templates` templates of `size` entries each.
+
+    At full size (`size >= piece_size`) a coefficient vector holds one entry per
+    template, counted only with `count_coefficients` (model scope). Below it
+    (sub-layer geometry) the piece is `ceil(L / size)` blocks, each with its own
+    coefficients over the templates; those are counted in every scope, since
+    they are of the same order as the templates.
+    """
+    if size >= demand.piece_size:
+        return templates * (demand.piece_size + demand.groups * count_coefficients)
+    blocks = -(-demand.piece_size // size)
+    return templates * (size + demand.groups * blocks)
+
+
+def smallest_template(demand: BankDemand, count_coefficients: bool) -> int:
+    """The template size of least cost for one template: about `sqrt(groups * L)`.
+
+    There the block coefficients are about as many as the template's entries;
+    a smaller template would cost more in coefficients than it saves.
+    """
+    guess = math.isqrt(demand.groups * demand.piece_size)
+    sizes = {min(demand.piece_size, max(1, guess + d)) for d in (-1, 0, 1, 2)}
+    sizes.add(demand.piece_size)
+    return min(sizes, key=lambda t: (bank_cost(demand, 1, t, count_coefficients), -t))
+
+
+def full_size_minimum(demands: Sequence[BankDemand], fixed: int, count_coefficients: bool) -> int:
+    """Parameters needed for one full-size template per bank (the paper's floor)."""
     return fixed + sum(d.piece_size + d.groups * count_coefficients for d in demands)
+
+
+def minimum_budget(
+    demands: Sequence[BankDemand],
+    fixed: int,
+    count_coefficients: bool,
+    sublayer: bool = True,
+) -> int:
+    """The smallest feasible budget: one template per bank, sub-layer sized if allowed."""
+    if not sublayer:
+        return full_size_minimum(demands, fixed, count_coefficients)
+    return fixed + sum(
+        bank_cost(d, 1, smallest_template(d, count_coefficients), count_coefficients)
+        for d in demands
+    )
+
+
+def _below_minimum(budget: int, minimum: int, fixed: int, sublayer: bool) -> BudgetError:
+    counted = (
+        "one "
+        + ("smallest sub-layer" if sublayer else "full-size")
+        + (" template per cluster and level")
+    )
+    counted += " with its coefficients" if sublayer else ""
+    counted += " plus per-member params" if fixed else ""
+    return BudgetError(
+        f"a budget of {budget:,} parameters is below the minimum feasible {minimum:,} "
+        f"for these clusters ({counted}); raise the budget to at least {minimum:,} "
+        "or use fewer clusters (bins)"
+    )
+
+
+def _fit_sizes(
+    demands: Sequence[BankDemand], room: int, count_coefficients: bool, templates: int
+) -> list[int] | None:
+    """Template sizes, one per bank, that spend at most `room` with `templates` each.
+
+    Every bank's size is its piece size scaled by one common ratio (clamped to
+    `[smallest_template, L]`), the largest ratio that fits; what is left then
+    grows the banks one by one, largest piece first. None if nothing fits.
+    """
+    floors = [smallest_template(d, count_coefficients) for d in demands]
+
+    def sizes_at(ratio: float) -> list[int]:
+        return [
+            min(d.piece_size, max(lo, math.ceil(ratio * d.piece_size)))
+            for d, lo in zip(demands, floors, strict=True)
+        ]
+
+    def cost(sizes: Sequence[int]) -> int:
+        return sum(
+            bank_cost(d, templates, t, count_coefficients)
+            for d, t in zip(demands, sizes, strict=True)
+        )
+
+    if cost(floors) > room:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(sizes_at(middle)) <= room else (low, middle)
+    sizes = sizes_at(low)
+    if cost(sizes) > room:
+        sizes = floors
+    for i in sorted(range(len(demands)), key=lambda i: -demands[i].piece_size):
+        others = cost(sizes) - bank_cost(demands[i], templates, sizes[i], count_coefficients)
+        low, high = sizes[i], demands[i].piece_size
+        while low < high:  # the largest size of this bank that still fits
+            middle = (low + high + 1) // 2
+            fits = others + bank_cost(demands[i], templates, middle, count_coefficients) <= room
+            low, high = (middle, high) if fits else (low, middle - 1)
+        sizes[i] = low
+    return sizes
+
+
+def allocate_sublayer(
+    demands: Sequence[BankDemand],
+    budget: int,
+    *,
+    fixed: int = 0,
+    count_coefficients: bool = False,
+    templates: int = SUBLAYER_TEMPLATES,
+) -> Allocation:
+    """Templates smaller than their pieces, for budgets below the full-size floor.
+
+    Each bank gets `templates` templates (fewer, down to one, when the budget
+    cannot hold that many of the smallest size), all of one size per bank
+    chosen by `_fit_sizes`. A piece of L entries is then `ceil(L / size)`
+    blocks, each a learned combination of the bank's templates.
+    """
+    minimum = minimum_budget(demands, fixed, count_coefficients)
+    if budget < minimum:
+        raise _below_minimum(budget, minimum, fixed, sublayer=True)
+    for count in range(max(1, templates), 0, -1):
+        sizes = _fit_sizes(demands, budget - fixed, count_coefficients, count)
+        if sizes is not None:
+            break
+    spent = fixed + sum(
+        bank_cost(d, count, t, count_coefficients) for d, t in zip(demands, sizes, strict=True)
+    )
+    zeros = (0,) * len(demands)
+    return Allocation((count,) * len(demands), zeros, spent, budget - spent, zeros, tuple(sizes))
 
 
 def allocate(
@@ -128,6 +265,7 @@ def allocate(
     cap: int = 8,
     passes: int = 7,
     fill: bool = True,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
 ) -> Allocation:
     """Templates per bank under `budget` (method.md section 4).
 
@@ -144,17 +282,21 @@ def allocate(
       budget: parameters allowed in the scope.
       fixed: per-member parameters counted against the budget (model scope).
       count_coefficients: whether a template's coefficients count (model scope).
+      sublayer_templates: below the full-size floor (one full template per
+        bank), templates per bank of the sub-layer geometry (`allocate_sublayer`);
+        0 refuses such budgets, as the paper's method does.
     """
-    minimum = minimum_budget(demands, fixed, count_coefficients)
+    minimum = full_size_minimum(demands, fixed, count_coefficients)
     if budget < minimum:
-        counted = "one template per cluster and level" + (
-            " plus per-member params" if fixed else ""
-        )
-        raise BudgetError(
-            f"a budget of {budget:,} parameters is below the minimum feasible {minimum:,} "
-            f"for these clusters ({counted}); raise the budget to at least {minimum:,} "
-            "or use fewer clusters (bins)"
-        )
+        if sublayer_templates > 0:
+            return allocate_sublayer(
+                demands,
+                budget,
+                fixed=fixed,
+                count_coefficients=count_coefficients,
+                templates=sublayer_templates,
+            )
+        raise _below_minimum(budget, minimum, fixed, sublayer=False)
     costs = [d.piece_size + d.groups * count_coefficients for d in demands]
     counts = [1] * len(demands)
     left = budget - minimum
@@ -195,4 +337,5 @@ def allocate(
         if best is not None:
             partial[best] = best_entries
             left -= best_entries + demands[best].groups * count_coefficients
-    return Allocation(tuple(counts), tuple(partial), budget - left, left, paper)
+    sizes = tuple(d.piece_size for d in demands)
+    return Allocation(tuple(counts), tuple(partial), budget - left, left, paper, sizes)

@@ -2,12 +2,17 @@
 
 A bank is a pytree of trainable arrays:
 
-    {"templates":    {bank key: [templates, L]},
+    {"templates":    {bank key: [templates, T]},
      "partial":      {bank key: [m]}             (banks with a partial template),
-     "coefficients": {bank key: [groups, num_templates]}}
+     "coefficients": {bank key: [groups, num_templates]
+                                or [groups, blocks, templates] (sub-layer banks)}}
 
 A layer's SuperWeight at a level is its coefficient row times the level's
-templates; its weight is built level by level (method.md sections 2-3).
+templates; its weight is built level by level (method.md sections 2-3). At full
+size T = L. In sub-layer geometry T < L and the piece is `blocks = ceil(L / T)`
+template-sized blocks, each its own combination of the templates, laid end to
+end and cropped to L: one batched matrix product per bank, whatever the number
+of blocks.
 """
 
 from __future__ import annotations
@@ -32,16 +37,25 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32) -> dict:
     keys = jax.random.split(key, (len(plan.banks), 3))
     for spec, (k_templates, k_partial, k_coefficients) in zip(plan.banks, keys, strict=True):
         std = math.sqrt(2.0 / spec.fan_in)
-        shape = (spec.templates, spec.piece_size)
+        shape = (spec.templates, spec.size)
         bank["templates"][spec.key] = std * jax.random.normal(k_templates, shape, dtype)
         if spec.partial:
             bank["partial"][spec.key] = std * jax.random.normal(k_partial, (spec.partial,), dtype)
-        rows = jax.nn.initializers.orthogonal()(  # in float32: QR has no half-precision kernel
-            k_coefficients, (len(spec.groups), spec.num_templates), jnp.float32
-        )
-        rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
-        bank["coefficients"][spec.key] = rows.astype(dtype)
+        bank["coefficients"][spec.key] = _coefficient_rows(spec, k_coefficients).astype(dtype)
     return bank
+
+
+def _coefficient_rows(spec: BankSpec, key: jax.Array) -> jax.Array:
+    """Unit-norm coefficient vectors, orthogonal across groups (per block below full size)."""
+    groups, templates = len(spec.groups), spec.num_templates
+    orthogonal = jax.nn.initializers.orthogonal()  # in float32: QR has no half-precision kernel
+    if spec.sublayer:
+        keys = jax.random.split(key, spec.blocks)
+        rows = jax.vmap(lambda k: orthogonal(k, (groups, templates), jnp.float32))(keys)
+        rows = jnp.swapaxes(rows, 0, 1)  # [groups, blocks, templates]
+    else:
+        rows = orthogonal(key, (groups, templates), jnp.float32)
+    return rows / jnp.linalg.norm(rows, axis=-1, keepdims=True)
 
 
 def template_matrix(spec: BankSpec, bank: dict) -> jax.Array:
@@ -53,12 +67,22 @@ def template_matrix(spec: BankSpec, bank: dict) -> jax.Array:
     return jnp.concatenate([templates, padded[None]], axis=0)
 
 
+def pieces(spec: BankSpec, bank: dict) -> jax.Array:
+    """`[groups, L]`: the bank's piece for each coefficient group.
+
+    Full size: `[groups, k] @ [k, L]`. Sub-layer: `[groups, blocks, k] @ [k, T]`
+    gives `[groups, blocks, T]`, flattened and cropped to L.
+    """
+    coefficients = bank["coefficients"][spec.key]
+    combined = coefficients @ template_matrix(spec, bank)
+    if not spec.sublayer:
+        return combined
+    return combined.reshape(len(spec.groups), spec.blocks * spec.size)[:, : spec.piece_size]
+
+
 def superweights(plan: Plan, bank: dict) -> dict[str, jax.Array]:
     """`{bank key: [groups, L]}`: every coefficient row times its bank's templates."""
-    return {
-        spec.key: bank["coefficients"][spec.key] @ template_matrix(spec, bank)
-        for spec in plan.banks
-    }
+    return {spec.key: pieces(spec, bank) for spec in plan.banks}
 
 
 def grow(weight: jax.Array | None, level: Level, piece: jax.Array, spatial) -> jax.Array:
@@ -83,14 +107,14 @@ def grow(weight: jax.Array | None, level: Level, piece: jax.Array, spatial) -> j
 
 def compose(plan: Plan, bank: dict) -> dict[str, jax.Array]:
     """`{layer id: kernel}` for every shared layer, with the model's shapes and dtypes."""
-    pieces = superweights(plan, bank)
+    by_bank = superweights(plan, bank)
     weights = {}
     for layer in plan.layers:
         cluster = plan.cluster_of[layer.id]
         weight = None
         for w in range(cluster.level_of(layer) + 1):
             row = plan.coefficient_row(layer.id, w)
-            piece = pieces[plan.bank[cluster.name, w].key][row]
+            piece = by_bank[plan.bank[cluster.name, w].key][row]
             weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
         weights[layer.id] = weight.astype(layer.dtype)
     return weights

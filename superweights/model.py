@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from superweights import tree
-from superweights.budget import Budget
+from superweights.budget import SUBLAYER_TEMPLATES, Budget
 from superweights.compose import compose, init_bank
 from superweights.plan import (
     Plan,
@@ -289,6 +289,7 @@ def budgeted(
     fill: bool = True,
     cap: int = 8,
     passes: int = 7,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
     key: jax.Array | None = None,
 ) -> BudgetedModel:
     """A budgeted model with the initial (depth-binned) clusters.
@@ -304,6 +305,8 @@ def budgeted(
       shared_coefficients: one coefficient vector per (cluster, level) for all
         its layers (the search model); otherwise each layer owns its own.
       fill: spend what the paper's allocation rule leaves over.
+      sublayer_templates: templates per bank for budgets below one full-size
+        template per bank, built from template-sized blocks; 0 refuses them.
       key: for initialising Linen modules.
     """
     key = jax.random.key(0) if key is None else key
@@ -315,7 +318,15 @@ def budgeted(
         clusters, layers
     )
     plan = make_plan(
-        layers, unshared, clusters, coefficients, budget, cap=cap, passes=passes, fill=fill
+        layers,
+        unshared,
+        clusters,
+        coefficients,
+        budget,
+        cap=cap,
+        passes=passes,
+        fill=fill,
+        sublayer_templates=sublayer_templates,
     )
     return BudgetedModel(plan, tuple(members))
 

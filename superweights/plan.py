@@ -16,11 +16,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from superweights.budget import (
+    SUBLAYER_TEMPLATES,
     Allocation,
     BankDemand,
     Budget,
     BudgetError,
     allocate,
+    full_size_minimum,
     minimum_budget,
 )
 from superweights.specs import LayerSpec, ParamSpec
@@ -97,15 +99,23 @@ class Cluster:
 class BankSpec:
     """Templates of one (cluster, level) and the coefficient vectors over them.
 
+    At full size a template holds the level's whole piece of L entries. In
+    sub-layer geometry (budgets below one full template per bank) it holds
+    `template_size` < L entries, and a piece is `blocks = ceil(L / template_size)`
+    blocks laid end to end (the last one cropped), each block its own learned
+    combination of the templates: a coefficient vector is `[blocks, templates]`.
+
     Attributes:
       cluster: cluster name.
       level: level in the cluster's size chain.
-      piece_size: L, entries of one template.
+      piece_size: L, entries of the level's piece.
       templates: number of whole templates.
-      partial: entries of one extra partial template (0 = none).
+      partial: entries of one extra partial template (0 = none; full size only).
       groups: coefficient-vector names over this bank, one row each.
       users: number of layers reading the bank.
       fan_in: fan-in of the level's target shape (sets the init scale).
+      template_size: entries of one template; 0 (plans saved before sub-layer
+        geometry) means `piece_size`.
     """
 
     cluster: str
@@ -116,10 +126,25 @@ class BankSpec:
     groups: tuple[str, ...]
     users: int
     fan_in: int
+    template_size: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.cluster}_l{self.level}"
+
+    @property
+    def size(self) -> int:
+        """Entries of one template: the piece size, or less in sub-layer geometry."""
+        return self.template_size or self.piece_size
+
+    @property
+    def blocks(self) -> int:
+        """Template-sized blocks that make up the piece (1 at full size)."""
+        return -(-self.piece_size // self.size)
+
+    @property
+    def sublayer(self) -> bool:
+        return self.blocks > 1
 
     @property
     def num_templates(self) -> int:
@@ -127,12 +152,22 @@ class BankSpec:
         return self.templates + (self.partial > 0)
 
     @property
+    def coefficient_shape(self) -> tuple[int, ...]:
+        """`[groups, templates]`, or `[groups, blocks, templates]` below full size."""
+        if self.sublayer:
+            return (len(self.groups), self.blocks, self.num_templates)
+        return (len(self.groups), self.num_templates)
+
+    @property
     def template_params(self) -> int:
-        return self.templates * self.piece_size + self.partial
+        return self.templates * self.size + self.partial
 
     @property
     def coefficient_params(self) -> int:
-        return len(self.groups) * self.num_templates
+        return math.prod(self.coefficient_shape)
+
+    def demand(self) -> BankDemand:
+        return BankDemand(self.piece_size, self.users, len(self.groups))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +184,10 @@ class Plan:
       budget: the budget the plan was made for.
       budget_params: that budget in parameters.
       leftover: parameters of the budget left unspent.
-      paper_templates: templates per bank by the paper's rule alone.
+      paper_templates: templates per bank by the paper's rule alone (zeros
+        below the full-size floor).
+      sublayer_templates: templates per bank the allocation uses below the
+        full-size floor; 0 if such budgets are refused.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -161,6 +199,7 @@ class Plan:
     budget_params: int
     leftover: int
     paper_templates: tuple[int, ...]
+    sublayer_templates: int = SUBLAYER_TEMPLATES
 
     @functools.cached_property
     def members(self) -> tuple[str, ...]:
@@ -210,18 +249,36 @@ class Plan:
         return sum(layer.size for layer in self.layers) + self.unshared_params
 
     @property
+    def sublayer(self) -> bool:
+        """Whether any bank is in sub-layer geometry."""
+        return any(b.sublayer for b in self.banks)
+
+    def _floor_args(self) -> tuple[list[BankDemand], int, bool]:
+        model_scope = self.budget.scope == "model"
+        fixed = self.unshared_params if model_scope else 0
+        return [b.demand() for b in self.banks], fixed, model_scope
+
+    @property
     def minimum_budget(self) -> int:
         """The smallest feasible budget for these clusters, in the budget's scope."""
-        model_scope = self.budget.scope == "model"
-        return (self.unshared_params if model_scope else 0) + sum(
-            b.piece_size + len(b.groups) * model_scope for b in self.banks
-        )
+        return minimum_budget(*self._floor_args(), sublayer=self.sublayer_templates > 0)
+
+    @property
+    def full_size_minimum(self) -> int:
+        """The budget from which every bank holds full-size templates (the paper's floor)."""
+        return full_size_minimum(*self._floor_args())
 
     @property
     def spent(self) -> int:
-        """Parameters counted against the budget in its scope."""
+        """Parameters counted against the budget in its scope.
+
+        Banks scope counts the templates (the paper's count) and, in sub-layer
+        banks, the block coefficients, which there are of the templates' order.
+        """
         if self.budget.scope == "banks":
-            return self.template_params
+            return self.template_params + sum(
+                b.coefficient_params for b in self.banks if b.sublayer
+            )
         return self.trainable_params
 
     def to_json(self) -> str:
@@ -243,6 +300,7 @@ class Plan:
             budget_params=raw["budget_params"],
             leftover=raw["leftover"],
             paper_templates=tuple(raw["paper_templates"]),
+            sublayer_templates=raw.get("sublayer_templates", SUBLAYER_TEMPLATES),
         )
 
 
@@ -367,8 +425,13 @@ def make_plan(
     cap: int = 8,
     passes: int = 7,
     fill: bool = True,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
 ) -> Plan:
     """Allocates templates for `clusters` under `budget` and returns the Plan.
+
+    Budgets from one full-size template per bank up get the paper's geometry;
+    below that, banks get `sublayer_templates` templates smaller than their
+    pieces (see `superweights.budget.allocate_sublayer`); 0 refuses them.
 
     Raises:
       BudgetError: when the budget is below the minimum feasible one; the
@@ -382,7 +445,7 @@ def make_plan(
     fixed = sum(p.size for p in unshared) if model_scope else 0
     reference = sum(layer.size for layer in layers) + fixed
     budget_params = budget.resolve(reference)
-    demands = [BankDemand(b.piece_size, b.users, len(b.groups)) for b in banks]
+    demands = [b.demand() for b in banks]
     try:
         allocation: Allocation = allocate(
             demands,
@@ -392,16 +455,23 @@ def make_plan(
             cap=cap,
             passes=passes,
             fill=fill,
+            sublayer_templates=sublayer_templates,
         )
     except BudgetError as error:
-        minimum = minimum_budget(demands, fixed, model_scope)
+        minimum = minimum_budget(demands, fixed, model_scope, sublayer_templates > 0)
         raise BudgetError(
             f"{error} (the minimum is {minimum / reference:.2%} of the model's {reference:,} "
             f"parameters in {budget.scope} scope)"
         ) from None
     banks = [
-        dataclasses.replace(b, templates=k, partial=m)
-        for b, k, m in zip(banks, allocation.templates, allocation.partial, strict=True)
+        dataclasses.replace(b, templates=k, partial=m, template_size=t if t < b.piece_size else 0)
+        for b, k, m, t in zip(
+            banks,
+            allocation.templates,
+            allocation.partial,
+            allocation.template_sizes,
+            strict=True,
+        )
     ]
     plan = Plan(
         layers=tuple(layers),
@@ -413,6 +483,7 @@ def make_plan(
         budget_params=budget_params,
         leftover=allocation.leftover,
         paper_templates=allocation.paper_templates,
+        sublayer_templates=sublayer_templates,
     )
     if plan.spent > budget_params:
         raise BudgetError(f"internal error: plan spends {plan.spent:,} > {budget_params:,}")

@@ -15,6 +15,8 @@ def budget_summary(plan: Plan) -> dict:
         "budget_params": plan.budget_params,
         "scope": plan.budget.scope,
         "minimum_budget": plan.minimum_budget,
+        "full_size_minimum": plan.full_size_minimum,
+        "sublayer_banks": sum(b.sublayer for b in plan.banks),
         "spent": plan.spent,
         "leftover": plan.leftover,
         "utilisation": plan.spent / plan.budget_params,
@@ -40,7 +42,11 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def budget_report(plan: Plan) -> str:
-    """Per cluster and level: shape, piece size, users, templates, params, crops; totals."""
+    """Per cluster and level: shape, piece and template sizes, blocks, templates, params; totals.
+
+    `geometry` is `full` where a template holds the whole piece (the paper's) and
+    `sub-layer` where the piece is built from `blocks` template-sized blocks.
+    """
     rows = []
     for cluster in plan.clusters:
         kernel = "x".join(map(str, cluster.spatial)) or "dense"
@@ -49,7 +55,7 @@ def budget_report(plan: Plan) -> str:
             templates = str(bank.templates)
             if bank.partial:
                 templates += f"+{bank.partial}/{bank.piece_size}"
-            paper_k = plan.paper_templates[plan.banks.index(bank)]
+            paper_k = plan.paper_templates[plan.banks.index(bank)] or "-"
             rows.append(
                 [
                     cluster.name,
@@ -57,6 +63,9 @@ def budget_report(plan: Plan) -> str:
                     w,
                     "x".join(map(str, level.target)),
                     bank.piece_size,
+                    "sub-layer" if bank.sublayer else "full",
+                    bank.size,
+                    bank.blocks,
                     bank.users,
                     len(bank.groups),
                     templates,
@@ -72,6 +81,9 @@ def budget_report(plan: Plan) -> str:
         "level",
         "out x in",
         "L",
+        "geometry",
+        "T",
+        "blocks",
         "layers",
         "coef rows",
         "templates",
@@ -96,7 +108,8 @@ def budget_report(plan: Plan) -> str:
         + f"\n\nBudget {summary['budget']}: {summary['budget_params']:,}; "
         f"spent {summary['spent']:,} ({summary['utilisation']:.2%}), "
         f"left over {summary['leftover']:,}; the smallest feasible budget is "
-        f"{summary['minimum_budget']:,}.\n"
+        f"{summary['minimum_budget']:,}, and full-size templates in every bank need "
+        f"{summary['full_size_minimum']:,}.\n"
         f"Trainable parameters are {summary['fraction_of_dense_model']:.2%} of the dense model's; "
         f"{summary['cropped_entries']:,} composed entries are cropped away."
     )

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from superweights import Budget, BudgetError, allocate, minimum_budget
-from superweights.budget import BankDemand
+from superweights.budget import BankDemand, bank_cost, full_size_minimum, smallest_template
 
 # --- Budget ---------------------------------------------------------------------------------
 
@@ -117,11 +117,12 @@ def test_budget_parse_returns_a_valid_budget_or_budget_error(text):
 # --- allocate: the paper's two-phase rule, worked by hand -----------------------------------
 
 
-def test_minimum_budget():
+def test_full_size_minimum():
     demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
-    assert minimum_budget(demands, fixed=0, count_coefficients=False) == 30
+    assert full_size_minimum(demands, fixed=0, count_coefficients=False) == 30
+    assert minimum_budget(demands, 0, False, sublayer=False) == 30
     # model scope: + one coefficient per group per template, + the per-member params
-    assert minimum_budget(demands, fixed=7, count_coefficients=True) == 7 + 10 + 3 + 20 + 1
+    assert full_size_minimum(demands, fixed=7, count_coefficients=True) == 7 + 10 + 3 + 20 + 1
 
 
 def test_phase_one_adds_only_while_templates_below_users():
@@ -208,7 +209,7 @@ def test_partial_template_goes_where_it_absorbs_most():
     # model scope, 7 left after the minimum; L=10 with 4 groups absorbs 7 - 4 = 3 entries,
     # L=10 with 1 group absorbs 7 - 1 = 6: the second bank gets a partial of 6.
     demands = [BankDemand(10, 1, 4), BankDemand(10, 1, 1)]
-    minimum = minimum_budget(demands, 0, True)
+    minimum = full_size_minimum(demands, 0, True)
     allocation = allocate(demands, minimum + 7, count_coefficients=True, cap=1)
     assert allocation.templates == (1, 1)
     assert allocation.partial == (0, 6)
@@ -218,10 +219,10 @@ def test_partial_template_goes_where_it_absorbs_most():
 def test_infeasible_budget_states_the_minimum():
     demands = [BankDemand(1234, 2, 2), BankDemand(1000, 1, 1)]
     with pytest.raises(BudgetError, match="2,234") as info:
-        allocate(demands, 2233)
-    assert "2,233" in str(info.value)
+        allocate(demands, 2233, sublayer_templates=0)
+    assert "2,233" in str(info.value) and "full-size" in str(info.value)
     with pytest.raises(BudgetError, match="per-member"):
-        allocate(demands, 2233 + 50, fixed=50, count_coefficients=True)
+        allocate(demands, 2233 + 50, fixed=50, count_coefficients=True, sublayer_templates=0)
     assert allocate(demands, 2234).spent == 2234
 
 
@@ -244,7 +245,7 @@ def test_infeasible_budget_states_the_minimum():
 )
 def test_allocation_never_exceeds_the_budget(demands, extra, fixed, model_scope, fill):
     fixed = fixed if model_scope else 0
-    minimum = minimum_budget(demands, fixed, model_scope)
+    minimum = full_size_minimum(demands, fixed, model_scope)
     budget = minimum + extra
     allocation = allocate(demands, budget, fixed=fixed, count_coefficients=model_scope, fill=fill)
     spent = fixed + sum(
@@ -272,3 +273,100 @@ def test_allocation_never_exceeds_the_budget(demands, extra, fixed, model_scope,
     else:
         assert allocation.templates == allocation.paper_templates
         assert allocation.partial == (0,) * len(demands)
+
+
+# --- below the full-size floor: sub-layer templates -----------------------------------------
+
+
+def test_sublayer_minimum_worked_by_hand():
+    # A: L=10, 3 groups. A template of T < 10 costs T + 3 * ceil(10 / T): 11 at T=5, 12 at
+    # T=6, 13 at T=4; the full template costs 10 in banks scope, so A stays whole.
+    # B: L=20, 1 group: T + ceil(20 / T) is 9 at T=4 and T=5 (the larger one is kept).
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    assert smallest_template(demands[0], False) == 10
+    assert smallest_template(demands[1], False) == 5
+    assert bank_cost(demands[1], 1, 5, False) == 5 + 4
+    assert minimum_budget(demands, 0, False) == 10 + 9
+    # In model scope the whole template of A costs 10 + 3 coefficients, more than T=5's 11.
+    assert smallest_template(demands[0], True) == 5
+    assert minimum_budget(demands, 7, True) == 7 + 11 + 9
+
+
+def test_budget_below_the_floor_gets_smaller_templates():
+    # Full-size floor 30; budget 24 with 2 templates per bank: A at T=5 costs
+    # 2 * (5 + 3 * 2) = 22, which leaves no room for B. One template each: A stays whole
+    # (10), B grows from T=5 (9) to the largest size that fits in 14: T=12, 12 + 2 blocks.
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    allocation = allocate(demands, 24)
+    assert allocation.templates == (1, 1)
+    assert allocation.template_sizes == (10, 12)
+    assert allocation.paper_templates == (0, 0) and allocation.partial == (0, 0)
+    assert (allocation.spent, allocation.leftover) == (24, 0)
+
+
+def test_budget_below_the_absolute_minimum_names_it():
+    demands = [BankDemand(10, 3, 3), BankDemand(20, 1, 1)]
+    assert allocate(demands, 19).spent == 19
+    with pytest.raises(BudgetError, match="minimum feasible 19 ") as info:
+        allocate(demands, 18)
+    assert "sub-layer" in str(info.value)
+
+
+def test_at_and_above_the_floor_the_paper_geometry_is_kept():
+    demands = [BankDemand(100, 3, 3), BankDemand(200, 1, 1), BankDemand(9, 2, 2)]
+    floor = full_size_minimum(demands, 0, False)
+    for budget in (floor, floor + 57, 5 * floor):
+        allocation = allocate(demands, budget)
+        assert allocation == allocate(demands, budget, sublayer_templates=0)
+        assert allocation.template_sizes == (100, 200, 9)
+    assert max(allocate(demands, floor - 1).template_sizes[:2]) < 200
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    demands=st.lists(
+        st.builds(
+            BankDemand,
+            piece_size=st.integers(1, 5000),
+            users=st.integers(1, 6),
+            groups=st.integers(1, 6),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    share=st.floats(0.0, 1.2),
+    fixed=st.integers(0, 500),
+    model_scope=st.booleans(),
+    templates=st.integers(1, 4),
+)
+def test_sublayer_allocation_never_exceeds_the_budget(
+    demands, share, fixed, model_scope, templates
+):
+    fixed = fixed if model_scope else 0
+    low = minimum_budget(demands, fixed, model_scope)
+    high = full_size_minimum(demands, fixed, model_scope)
+    budget = low + int(share * (high - low))
+    allocation = allocate(
+        demands, budget, fixed=fixed, count_coefficients=model_scope, sublayer_templates=templates
+    )
+    spent = fixed + sum(
+        bank_cost(d, k, t, model_scope) + m + (m > 0) * d.groups * model_scope
+        for d, k, t, m in zip(
+            demands,
+            allocation.templates,
+            allocation.template_sizes,
+            allocation.partial,
+            strict=True,
+        )
+    )
+    assert spent == allocation.spent == budget - allocation.leftover <= budget
+    assert all(
+        1 <= t <= d.piece_size for t, d in zip(allocation.template_sizes, demands, strict=True)
+    )
+    if budget < high:
+        assert all(1 <= k <= templates for k in allocation.templates)
+        assert allocation.partial == (0,) * len(demands)
+    else:
+        assert allocation.template_sizes == tuple(d.piece_size for d in demands)
+    with pytest.raises(BudgetError, match=f"minimum feasible {low:,} "):
+        allocate(demands, low - 1, fixed=fixed, count_coefficients=model_scope)

@@ -17,7 +17,8 @@ from experiments.budget_sweep import (
     wrn_params,
 )
 
-# wrn-10-1 on digits: the smallest feasible banks budget is 66%, so 10% is skipped.
+# wrn-10-1 on digits: the smallest feasible banks budget is 1.70%, so 1% is skipped; 5% is
+# below the full-size floor (66%), 70% above it.
 TINY = presets.with_overrides(
     presets.get("digits-wrn-28-1-b25"),
     arch="wrn-10-1",
@@ -26,14 +27,14 @@ TINY = presets.with_overrides(
     loop={"epochs": 1, "batch_size": 32},
     search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 0},
 )
-BUDGETS = ("10%", "70%", "90%")
+BUDGETS = ("1%", "5%", "70%")
 EXPECTED_ROWS = [
+    ("search", "5%"),
+    ("no-search", "5%"),
+    ("reduced-width", "5%"),
     ("search", "70%"),
     ("no-search", "70%"),
     ("reduced-width", "70%"),
-    ("search", "90%"),
-    ("no-search", "90%"),
-    ("reduced-width", "90%"),
     ("full", ""),
 ]
 
@@ -75,12 +76,15 @@ def test_sweep_budgets_and_baselines_have_the_expected_sizes(sweep):
     by_key = {(r.method, r.budget): r for r in results}
     full = by_key["full", None]
     assert full.trainable_params == digits_wrn_params(10, 1)
-    assert by_key["search", "70%"].trainable_params < by_key["search", "90%"].trainable_params
-    for budget in ("70%", "90%"):
+    assert by_key["search", "5%"].trainable_params < by_key["search", "70%"].trainable_params
+    for budget in ("5%", "70%"):
         searched = by_key["search", budget].trainable_params
         reduced = by_key["reduced-width", budget]
         assert reduced.trainable_params == digits_wrn_params(10, float(reduced.arch.split("-")[2]))
-        assert abs(reduced.trainable_params - searched) < 0.05 * searched
+        width = float(reduced.arch.split("-")[2])  # the closest width on the 1/64 grid
+        for neighbour in (width - 1 / 64, width + 1 / 64):
+            gap = abs(digits_wrn_params(10, neighbour) - searched)
+            assert abs(reduced.trainable_params - searched) <= gap
         assert searched < full.trainable_params
 
 
@@ -90,7 +94,7 @@ def test_sweep_writes_the_markdown_table_and_the_figure(sweep):
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0] == "| method | budget | trainable params | test accuracy |"
     assert len(table) == 2 + len(EXPECTED_ROWS)
-    assert table[2].startswith("| SuperWeights + search | 70% | ")
+    assert table[2].startswith("| SuperWeights + search | 5% | ")
     assert table[-1].startswith(f"| full model (wrn-10-1) | - | {results[-1].trainable_params:,} |")
     assert all(line.endswith("% |") for line in table[2:])
     assert "\n".join(table) in "\n".join(lines)  # the table is printed too
@@ -101,26 +105,26 @@ def test_sweep_writes_the_markdown_table_and_the_figure(sweep):
 
 def test_sweep_skips_infeasible_budgets_with_a_note(sweep):
     results, out, lines = sweep
-    assert "10%" not in {r.budget for r in results}
-    note = "skipped budget 10%: below wrn-10-1's smallest feasible budget 50,432 = 65.98%"
+    assert "1%" not in {r.budget for r in results}
+    note = "skipped budget 1%: below wrn-10-1's smallest feasible budget 1,301 = 1.70%"
     assert lines[0].startswith(note)
     assert f"- {note}" in (out / "results.md").read_text()
     progress = [line for line in lines if line.startswith("[")]
-    assert progress[0] == "[1/7] SuperWeights + search, wrn-10-1, budget 70%"
+    assert progress[0] == "[1/7] SuperWeights + search, wrn-10-1, budget 5%"
     assert progress[-1] == "[7/7] full model, wrn-10-1, budget -"
 
 
 def test_feasible_budgets_keeps_the_order_and_notes_the_minimum():
     base = presets.get("digits-wrn-28-1-b25")
-    kept, notes = feasible_budgets(base, ("2%", "15%", "5%", "50%", "200k"))
-    assert kept == ["15%", "50%", "200k"]
-    assert [n.split(":")[0] for n in notes] == ["skipped budget 2%", "skipped budget 5%"]
-    assert "50,432 = 13.75% (banks scope) with 4 bins" in notes[0]
+    kept, notes = feasible_budgets(base, ("2%", "0.5%", "5%", "0.1%", "200k"))
+    assert kept == ["2%", "5%", "200k"]
+    assert [n.split(":")[0] for n in notes] == ["skipped budget 0.5%", "skipped budget 0.1%"]
+    assert "2,715 = 0.74% (banks scope) with 4 bins" in notes[0]
 
 
 def test_no_feasible_budget_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no budget"):
-        budget_sweep.run_sweep(SweepConfig(TINY, ("5%",)), tmp_path, log=lambda _: None)
+        budget_sweep.run_sweep(SweepConfig(TINY, ("1%",)), tmp_path, log=lambda _: None)
 
 
 # --- the reduced-width solver ------------------------------------------------------------------
@@ -212,15 +216,40 @@ def test_sweep_presets_and_command_line_overrides():
 
 
 def test_results_csv_leaves_the_full_models_budget_empty():
-    text = budget_sweep.results_csv([Result("full", None, "wrn-10-1", 7, 0.5, 1.25)])
-    assert text == "method,budget,arch,trainable_params,test_accuracy,seconds\n" + (
-        "full,,wrn-10-1,7,0.5,1.2\n"
+    text = budget_sweep.results_csv([Result("full", None, 3, "wrn-10-1", 7, 0.5, 1.25)])
+    assert text == "method,budget,seed,arch,trainable_params,test_accuracy,seconds\n" + (
+        "full,,3,wrn-10-1,7,0.5,1.2\n"
     )
 
 
-def test_the_fashion_sweep_skips_only_its_budget_below_the_minimum():
+def test_the_table_gives_mean_and_spread_over_seeds():
+    accuracies = (0.90, 0.92, 0.97)
+    runs = [
+        Result("search", "5%", s, "wrn-10-1", 100 + s, a, 1.0) for s, a in enumerate(accuracies)
+    ]
+    runs.append(Result("full", None, 0, "wrn-10-1", 900, 0.99, 1.0))
+    table = budget_sweep.markdown_table(runs).splitlines()
+    mean = sum(accuracies) / 3
+    spread = (sum((a - mean) ** 2 for a in accuracies) / 2) ** 0.5
+    assert table[2] == f"| SuperWeights + search | 5% | 101 | {mean:.2%} ± {spread:.2%} |"
+    assert table[3] == "| full model (wrn-10-1) | - | 900 | 99.00% |"
+    assert len(table) == 4
+
+
+def test_seeds_from_the_command_line():
+    args = budget_sweep.parse_args(["--preset", "small", "--seeds", "0,1,2"])
+    assert budget_sweep.sweep_from_args(args).seeds == (0, 1, 2)
+    assert budget_sweep.SWEEPS["small"].seeds == (0,)
+    with pytest.raises(ValueError, match="--seeds"):
+        budget_sweep.sweep_from_args(budget_sweep.parse_args(["--seeds", "0,x"]))
+    config = method_config(presets.get("digits-wrn-28-1-b25"), "search", "5%", "wrn-28-1", 7)
+    assert config.loop.seed == 7
+
+
+def test_the_fashion_sweep_budgets_are_all_feasible():
     sweep = budget_sweep.SWEEPS["fashion"]
     assert sweep.base == presets.get("fashion_mnist-wrn-16-1-b50")
     kept, notes = budget_sweep.feasible_budgets(sweep.base, sweep.budgets)
-    assert kept == ["30%", "50%", "75%"]
-    assert len(notes) == 1 and "skipped budget 10%" in notes[0] and "29.12%" in notes[0]
+    assert kept == list(sweep.budgets) and notes == []  # its minimum is 1.10%
+    kept, notes = budget_sweep.feasible_budgets(sweep.base, ("1%", "2%"))
+    assert kept == ["2%"] and "1,907 = 1.10%" in notes[0]

@@ -67,12 +67,12 @@ def test_report_prints_the_table_and_the_minimum_budget(capsys, wrn10_minimum):
     for cluster in ("c0", "c1", "c2", "c3"):
         assert f"\n     {cluster}" in out
     assert "total trainable" in out and "dense model (no sharing)" in out
-    assert f"the smallest feasible budget is {wrn10_minimum:,}." in out
+    assert f"the smallest feasible budget is {wrn10_minimum:,}, and full-size" in out
 
 
 def test_report_of_an_infeasible_budget_exits_2_with_the_minimum(capsys, wrn10_minimum):
-    # 60% of wrn-10-1's shared kernels is below one template per cluster and level.
-    code = main(["report", "--arch", "wrn-10-1", "--image-shape", "8,8,1", "--budget", "60%"])
+    # 1% of wrn-10-1's shared kernels is below one smallest template per cluster and level.
+    code = main(["report", "--arch", "wrn-10-1", "--image-shape", "8,8,1", "--budget", "1%"])
     assert code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -243,7 +243,7 @@ def nothing_compiles(monkeypatch):
         (["--arch", "vgg-16"], "Unknown model 'vgg-16'; available: resnet-18"),
         (["--exits", "--arch", "resnet-18"], "--exits needs Wide ResNet members"),
         (["--budget=-5%"], "cannot read budget '-5%'"),
-        (["--budget", "1%"], "below the minimum feasible 50,432"),
+        (["--budget", "1%"], "below the minimum feasible 1,301"),
         (["--test-size", "1000"], "test_size must be in [0, 360], got 1000"),
         (["--dense", "--train-size", "16"], "batch size 32 exceeds the 16 training examples"),
         (["--coordinator", "localhost:1"], "needs --num-processes and --process-id"),

@@ -246,7 +246,7 @@ def test_compose_under_jit_equals_eager():
     jitted = jax.jit(compose, static_argnums=0)(plan, bank)
     assert set(jitted) == set(eager)
     for layer_id, weight in eager.items():
-        np.testing.assert_allclose(jitted[layer_id], weight, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(jitted[layer_id], weight, rtol=1e-5, atol=1e-6)  # sum order
 
 
 @settings(max_examples=20, deadline=None)

@@ -124,7 +124,7 @@ def test_build_budgeted_passes_bins(modules):
     assert len(default.clusters) == 4
     two_bins = build_budgeted(modules, Budget(fraction=0.9), SAMPLE, bins=2).plan
     assert len(two_bins.clusters) == 2
-    assert two_bins.minimum_budget < default.minimum_budget
+    assert two_bins.full_size_minimum < default.full_size_minimum
 
 
 @pytest.mark.parametrize("share_dense", [False, True])

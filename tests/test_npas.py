@@ -1,6 +1,7 @@
 """The NPAS pipeline: dL/dW, gradient batches, search phase, final run, unsharing mid-run."""
 
 import collections
+import dataclasses
 import math
 
 import jax
@@ -260,11 +261,13 @@ def test_run_search_result_makes_a_plan_within_the_budget(searches):
     assert plan.spent <= 1500
     assert plan.clusters == result.clusters
     assert plan.coefficients == result.coefficients
-    # The budget binds: every wide layer in a cluster of its own would not fit.
+    # Every wide layer in a cluster of its own fits only with sub-layer templates.
     wide = [layer.id for layer in searcher.plan.layers if layer.member == "wide"]
     apart = {layer_id: f"solo{n}" for n, layer_id in enumerate(wide)}
     clusters, coefficients, _ = search.build_clusters(searcher.plan, apart, dict(result.matches))
-    assert search.clusters_minimum_budget(searcher.plan, clusters, coefficients) > 1500
+    assert search.clusters_minimum_budget(searcher.plan, clusters, coefficients) <= 1500
+    paper_only = dataclasses.replace(searcher.plan, sublayer_templates=0)
+    assert search.clusters_minimum_budget(paper_only, clusters, coefficients) > 1500
 
 
 def test_run_search_clusters_the_gradients_of_its_trained_state(searches, digits):
@@ -654,11 +657,28 @@ def test_agreeing_sharers_stay_shared(digits):
 
 
 def search_on_random_gradients(
-    modules, dataset, budget, sample_input, loop, optim, config, *, bins=4, rule=None, **_
+    modules,
+    dataset,
+    budget,
+    sample_input,
+    loop,
+    optim,
+    config,
+    *,
+    bins=4,
+    rule=None,
+    sublayer_templates=2,
+    **_,
 ):
     """Stands in for `run_search` without the search phase: clusters random gradients."""
     searcher = budgeted(
-        modules, budget, sample_input=sample_input, bins=bins, rule=rule, shared_coefficients=True
+        modules,
+        budget,
+        sample_input=sample_input,
+        bins=bins,
+        rule=rule,
+        shared_coefficients=True,
+        sublayer_templates=sublayer_templates,
     )
     rng = np.random.default_rng(0)
     grads = {layer.id: rng.normal(size=layer.shape) for layer in searcher.plan.layers}
@@ -700,8 +720,9 @@ def test_run_npas_accepts_a_model_scope_budget_that_the_searched_plan_fits(digit
     monkeypatch.setattr(npas, "run_search", search_on_random_gradients)
     monkeypatch.setattr(npas, "train", TrainCalls(dry=True))
     budget = Budget(params=1535, scope="model")
+    paper = dict(bins=1, sublayer_templates=0)  # the full-size geometry only
     searcher, result, _ = search_on_random_gradients(
-        pair(), digits, budget, SAMPLE, LOOP, OPTIM, SearchConfig(), bins=1
+        pair(), digits, budget, SAMPLE, LOOP, OPTIM, SearchConfig(), **paper
     )
     assert result.minimum_budget <= 1535  # the search finds clusters that fit
     # ... but every layer owning its coefficients in the initial clusters does not.
@@ -721,7 +742,7 @@ def test_run_npas_accepts_a_model_scope_budget_that_the_searched_plan_fits(digit
         loop,
         OPTIM,
         config,
-        bins=1,
+        **paper,
         progress=False,
         log=lambda _: None,
     )

@@ -270,10 +270,14 @@ def test_infeasible_plan_states_the_minimum():
     minimum = 9 * 112 * 112 + 9 * 48 * 16  # the largest layer plus the cropped entries
     assert minimum == 119_808
     with pytest.raises(BudgetError, match="119,808"):
-        plan_for(layers, [], Budget(params=minimum - 1), bins=1)
+        plan_for(layers, [], Budget(params=minimum - 1), bins=1, sublayer_templates=0)
     plan = plan_for(layers, [], Budget(params=minimum), bins=1)
-    assert plan.spent == minimum
-    assert all(b.templates == 1 and b.partial == 0 for b in plan.banks)
+    assert plan.spent == minimum == plan.full_size_minimum
+    assert all(b.templates == 1 and b.partial == 0 and not b.sublayer for b in plan.banks)
+    # with sub-layer templates (the default) one parameter less is a smaller geometry
+    below = plan_for(layers, [], Budget(params=minimum - 1), bins=1)
+    assert below.sublayer and below.spent <= minimum - 1
+    assert below.minimum_budget < minimum // 10
 
 
 def test_plan_json_round_trip_and_hash():
@@ -336,12 +340,18 @@ def test_plans_meet_and_use_every_feasible_budget(model, bins, scope, shared, po
     minimum = bank_minimum(clusters, coefficients, unshared, scope)
     dense = sum(x.size for x in layers) + (scope == "model") * sum(p.size for p in unshared)
 
-    def plan(budget: int) -> Plan:
-        return make_plan(layers, unshared, clusters, coefficients, Budget(budget, scope=scope))
+    def plan(budget: int, sublayer_templates: int = 0) -> Plan:
+        budget = Budget(budget, scope=scope)
+        return make_plan(
+            layers, unshared, clusters, coefficients, budget, sublayer_templates=sublayer_templates
+        )
 
     with pytest.raises(BudgetError, match=f"minimum feasible {minimum:,} "):
         plan(minimum - 1)
     assert plan(minimum).spent == minimum
+    assert plan(minimum, sublayer_templates=2) == dataclasses.replace(
+        plan(minimum), sublayer_templates=2
+    )
 
     budget = minimum + round(position * max(dense - minimum, 0))
     result = plan(budget)

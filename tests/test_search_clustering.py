@@ -46,11 +46,20 @@ def two_directions(cosine: float, shape=(3, 3, 8, 8), seed=0):
     return e1.reshape(shape), (cosine * e1 + math.sqrt(1 - cosine**2) * e2).reshape(shape)
 
 
-def search_plan(layers, budget=None, unshared=(), bins=1):
+def search_plan(layers, budget=None, unshared=(), bins=1, sublayer_templates=0):
+    """The search model's plan; the paper's geometry only unless `sublayer_templates`."""
     clusters = initial_clusters(layers, bins)
     coefficients = cluster_coefficients(clusters, layers)
     budget = budget or Budget(params=100_000)
-    return make_plan(layers, list(unshared), clusters, coefficients, budget, fill=False)
+    return make_plan(
+        layers,
+        list(unshared),
+        clusters,
+        coefficients,
+        budget,
+        fill=False,
+        sublayer_templates=sublayer_templates,
+    )
 
 
 def square_layers(n=4, member="net"):
@@ -147,6 +156,33 @@ def test_search_lowers_tau_until_the_clusters_fit():
     assert result.tau == pytest.approx(-0.35)
     assert len(result.clusters) == 1
     assert result.minimum_budget == SQUARE
+    # Every refused threshold is recorded with why: 2 clusters need 2 full templates.
+    assert [r.tau for r in result.refused] == pytest.approx([0.1 - 0.05 * n for n in range(9)])
+    assert {(r.clusters, r.minimum_budget) for r in result.refused} == {(2, 2 * SQUARE)}
+    assert f"{2 * SQUARE:,} parameters, over the budget of {SQUARE + 10:,}" in (
+        result.refused[0].reason
+    )
+    assert SearchResult.from_json(result.to_json()) == result
+
+
+def test_sublayer_templates_let_the_search_split_at_a_tight_budget():
+    # The same conflict and budget: with sub-layer templates a split costs two small
+    # templates, not two full ones, so the first threshold's split fits.
+    layers = square_layers()
+    plan = search_plan(layers, sublayer_templates=2)
+    budget = Budget(params=SQUARE + 10)
+    result = search_clusters(plan, grouped_gradients(layers, -0.32), budget)
+    assert (result.tau, len(result.clusters), result.refused) == (0.1, 2, ())
+    assert result.minimum_budget < SQUARE // 4
+    final = searched_plan(plan, result, budget, sublayer_templates=2)
+    assert final.sublayer and final.spent <= SQUARE + 10
+    # ... and the minimum of four layers apart is what make_plan states below it.
+    rng = np.random.default_rng(0)  # independent gradients: every cosine near 0 < tau
+    unrelated = {x.id: rng.normal(size=x.shape) for x in layers}
+    apart = search_clusters(plan, unrelated, Budget(params=SQUARE // 2))
+    assert len(apart.clusters) == 4
+    with pytest.raises(BudgetError, match=f"minimum feasible {apart.minimum_budget:,} "):
+        searched_plan(plan, apart, Budget(params=apart.minimum_budget - 1))
 
 
 def test_search_merges_everything_back_at_the_end():

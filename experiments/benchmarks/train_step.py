@@ -80,29 +80,35 @@ def resolve_budget(text: str, modules, sample) -> tuple[Budget, str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="wrn-16-4")
-    parser.add_argument("--budget", default="10%")
+    parser.add_argument(
+        "--budget", default="10%", help="one budget or several, comma-separated (1%%,5%%,10%%)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-shape", default="32,32,3")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     args = parser.parse_args(argv)
     image_shape = tuple(int(x) for x in args.image_shape.split(","))
     modules = create_members(
         [args.arch], num_classes=args.num_classes, in_channels=image_shape[-1], seed=0
     )
     sample = jnp.zeros((1, *image_shape), jnp.float32)
-    budget, note = resolve_budget(args.budget, modules, sample)
-    if note:
-        print(note)
-    models = {"budgeted": build_budgeted(modules, budget, sample), "plain": build_dense(modules)}
+    models = {}
+    for text in args.budget.split(","):
+        budget, note = resolve_budget(text.strip(), modules, sample)
+        if note:
+            print(note)
+        models[f"budget {budget.describe().split()[0]}"] = build_budgeted(modules, budget, sample)
+    models["plain"] = build_dense(modules)
 
     runs = {}
     for name, model in models.items():
         compiled, state, batch, seconds, memory = compiled_step(
             model, args.batch_size, image_shape, args.num_classes
         )
-        state, _ = time_steps(compiled, state, batch, 2)  # warm-up
+        state, _ = time_steps(compiled, state, batch, args.warmup)
         runs[name] = {
             "compiled": compiled,
             "state": state,
@@ -111,7 +117,7 @@ def main(argv=None) -> None:
             "memory": memory,
             "times": [],
         }
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # interleaved: load on the machine hits every model alike
         for run in runs.values():
             run["state"], seconds = time_steps(
                 run["compiled"], run["state"], run["batch"], args.steps
@@ -121,26 +127,29 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     print(
         f"{args.arch}, batch {args.batch_size}, {image_shape}, on {jax.device_count()} "
-        f"{device.platform} device(s) ({device.device_kind}); budget {budget.describe()}"
+        f"{device.platform} device(s) ({device.device_kind})"
     )
-    plan = models["budgeted"].plan
-    print(
-        f"trainable params: budgeted {plan.trainable_params:,}, "
-        f"plain {models['plain'].trainable_params:,}"
-    )
+    plain = runs["plain"]
     for name, run in runs.items():
+        model = models[name]
+        params = model.plan.trainable_params if name != "plain" else model.trainable_params
         memory = f"{run['memory'] / 2**20:.1f} MiB" if run["memory"] else "n/a"
         print(
-            f"{name:>9}: step {1e3 * statistics.median(run['times']):8.2f} ms (median of "
-            f"{args.rounds}x{args.steps}), compile {run['compile_s']:6.2f} s, "
+            f"{name:>14}: {params:>11,} params, step {1e3 * statistics.median(run['times']):9.2f}"
+            f" ms (median of {args.rounds}x{args.steps}), compile {run['compile_s']:6.2f} s, "
             f"XLA memory {memory}"
         )
-    budgeted, plain = runs["budgeted"], runs["plain"]
-    step_ratio = statistics.median(budgeted["times"]) / statistics.median(plain["times"])
-    print(f"step-time ratio    {step_ratio:.3f}")
-    print(f"compile-time ratio {budgeted['compile_s'] / plain['compile_s']:.3f}")
-    if budgeted["memory"] and plain["memory"]:
-        print(f"memory ratio       {budgeted['memory'] / plain['memory']:.3f}")
+    for name, run in runs.items():
+        if name == "plain":
+            continue
+        step_ratio = statistics.median(run["times"]) / statistics.median(plain["times"])
+        line = (
+            f"{name:>14} / plain: step-time ratio {step_ratio:.3f}, "
+            f"compile-time ratio {run['compile_s'] / plain['compile_s']:.3f}"
+        )
+        if run["memory"] and plain["memory"]:
+            line += f", memory ratio {run['memory'] / plain['memory']:.3f}"
+        print(line)
     stats = getattr(device, "memory_stats", lambda: None)()
     if stats and "peak_bytes_in_use" in stats:
         print(f"device peak memory (whole process) {stats['peak_bytes_in_use'] / 2**20:.1f} MiB")
