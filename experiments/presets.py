@@ -40,7 +40,11 @@ PAPER_OPTIM = OptimConfig(
 )
 PAPER_SEARCH = SearchConfig(search_epochs=20, unshare_epoch=10)
 PAPER_BUDGETS = (15, 25, 50)
-"""Percent of WRN-28-10's shared kernels (banks scope); its minimum with 4 bins is 13.8%."""
+"""Percent of WRN-28-10's shared kernels (banks scope), all above its full-size floor of
+13.8% with 4 bins: the paper's geometry."""
+LOW_BUDGETS = (1, 2, 5, 10)
+"""Percent of WRN-28-10's shared kernels in the regime of Shapeshifter Networks (down to 1%),
+below the full-size floor: sub-layer templates."""
 
 ENSEMBLE = "wrn-28-7,wrn-28-4,wrn-16-7,wrn-16-4"
 MULTI_WIDTH = "wrn-28-7,wrn-28-4,wrn-28-3"
@@ -83,7 +87,7 @@ def small(dataset: str, arch: str, budget: str, scope: str = "banks", **sizes) -
 def _presets() -> dict[str, RunConfig]:
     configs = {}
     for dataset in ("cifar100", "cifar10"):
-        for percent in PAPER_BUDGETS:
+        for percent in LOW_BUDGETS + PAPER_BUDGETS:
             configs[f"{dataset}-wrn-28-10-b{percent}"] = paper(dataset, "wrn-28-10", f"{percent}%")
     configs["cifar100-ensemble-18m"] = paper("cifar100", ENSEMBLE, "18M", scope="model")
     configs["cifar100-multiwidth-18m"] = paper("cifar100", MULTI_WIDTH, "18M", scope="model")

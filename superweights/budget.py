@@ -118,7 +118,7 @@ class Allocation:
     template_sizes: tuple[int, ...]
 
 
-SUBLAYER_TEMPLATES = 2
+SUBLAYER_TEMPLATES = 1
 """Templates per bank below the full-size floor (sub-layer geometry); see `allocate`."""
 
 

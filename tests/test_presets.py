@@ -103,3 +103,11 @@ def test_with_overrides_rejects_unknown_fields():
         presets.with_overrides(presets.get("digits-ensemble"), epochs=3)
     with pytest.raises(ValueError, match="lr"):
         presets.with_overrides(presets.get("digits-ensemble"), optim={"lr": 0.1})
+
+
+def test_low_budget_presets_plan_sub_layer_templates():
+    for percent in presets.LOW_BUDGETS:
+        config = presets.get(f"cifar100-wrn-28-10-b{percent}")
+        assert (config.budget, config.loop) == (f"{percent}%", presets.PAPER_LOOP)
+        params, minimum = presets.budget_params(config)
+        assert minimum <= params < 0.138 * presets.minimum_budget(config)[1]
