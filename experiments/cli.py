@@ -310,6 +310,12 @@ def search_summary(result, plan) -> str:
         f"search: tau {result.tau:.2f}; {len(result.similarities)} initial clusters -> "
         f"{len(result.clusters)} clusters (minimum budget {result.minimum_budget:,})"
     ]
+    if result.refused:
+        first = result.refused[0]
+        lines.append(
+            f"  {len(result.refused)} thresholds refused first; at tau {first.tau:.2f}: "
+            f"{first.reason}"
+        )
     for cluster in plan.clusters:
         layers = [i.split(":", 1)[-1].removesuffix(".kernel") for i in cluster.layers]
         shown = ", ".join(layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")

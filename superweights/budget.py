@@ -170,13 +170,12 @@ def minimum_budget(
 
 
 def _below_minimum(budget: int, minimum: int, fixed: int, sublayer: bool) -> BudgetError:
-    counted = (
-        "one "
-        + ("smallest sub-layer" if sublayer else "full-size")
-        + (" template per cluster and level")
+    template = (
+        "smallest sub-layer template with its coefficients" if sublayer else ("full-size template")
     )
-    counted += " with its coefficients" if sublayer else ""
-    counted += " plus per-member params" if fixed else ""
+    counted = f"one {template} per cluster and level"
+    if fixed:
+        counted += f", plus {fixed:,} per-member params that are never shared"
     return BudgetError(
         f"a budget of {budget:,} parameters is below the minimum feasible {minimum:,} "
         f"for these clusters ({counted}); raise the budget to at least {minimum:,} "
@@ -213,9 +212,7 @@ def _fit_sizes(
     for _ in range(60):
         middle = (low + high) / 2
         low, high = (middle, high) if cost(sizes_at(middle)) <= room else (low, middle)
-    sizes = sizes_at(low)
-    if cost(sizes) > room:
-        sizes = floors
+    sizes = sizes_at(low)  # fits: `low` only ever moves to a ratio that fits
     for i in sorted(range(len(demands)), key=lambda i: -demands[i].piece_size):
         others = cost(sizes) - bank_cost(demands[i], templates, sizes[i], count_coefficients)
         low, high = sizes[i], demands[i].piece_size

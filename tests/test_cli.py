@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import augment
@@ -415,3 +416,29 @@ def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense
     code, stdout, stderr = run([*argv[:-1], str(out), "--checkpoint-every", "2"])
     assert code == 0, stderr
     assert "resuming training from step" in stdout
+
+
+def test_search_summary_says_why_thresholds_were_refused():
+    from conftest import chain_specs
+
+    from experiments.cli import search_summary
+    from search import search_clusters, searched_plan
+    from superweights import cluster_coefficients, initial_clusters, make_plan
+
+    layers = chain_specs("net", [((3, 3), 8, 8)] * 2)
+    clusters = initial_clusters(layers, 1)
+    paper_only = make_plan(
+        layers,
+        [],
+        clusters,
+        cluster_coefficients(clusters, layers),
+        Budget(params=600),
+        sublayer_templates=0,
+    )
+    rng = np.random.default_rng(0)  # unrelated gradients: the first split needs 2 x 576
+    grads = {x.id: rng.normal(size=x.shape) for x in layers}
+    result = search_clusters(paper_only, grads)
+    text = search_summary(result, searched_plan(paper_only, result))
+    assert len(result.clusters) == 1 and result.refused
+    assert f"{len(result.refused)} thresholds refused first; at tau 0.10: 2 clusters need" in text
+    assert "1,152 parameters, over the budget of 600 (banks scope)" in text
