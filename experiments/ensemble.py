@@ -126,11 +126,12 @@ def compose_flops(plan: Plan) -> int:
 
     Each bank's SuperWeights are one product `[groups, num_templates] @ [num_templates, L]`:
     `2 * groups * num_templates * L` (a multiply-add is 2 FLOPs; the zero-padded partial
-    template counts as a whole one, as it is multiplied like one). A sub-layer bank's is
-    `[groups, blocks, k] @ [k, T]`, `2 * groups * blocks * k * T`. Cropping, concatenating and
-    reshaping pieces into kernels are memory moves, counted as 0. Independent of the batch.
+    template counts as a whole one, as it is multiplied like one). A sub-layer bank's blocks
+    make the same `L` entries per group from `k` templates each, so the same count. Cropping,
+    concatenating and reshaping pieces into kernels are memory moves, counted as 0.
+    Independent of the batch.
     """
-    return sum(2 * len(b.groups) * b.blocks * b.num_templates * b.size for b in plan.banks)
+    return sum(2 * len(b.groups) * b.num_templates * b.piece_size for b in plan.banks)
 
 
 def compose_flops_measured(plan: Plan, bank: dict | None = None) -> int:

@@ -11,8 +11,8 @@ A layer's SuperWeight at a level is its coefficient row times the level's
 templates; its weight is built level by level (method.md sections 2-3). At full
 size T = L. In sub-layer geometry T < L and the piece is `blocks = ceil(L / T)`
 template-sized blocks, each its own combination of the templates, laid end to
-end and cropped to L: one batched matrix product per bank, whatever the number
-of blocks.
+end and cropped to L: two matrix products per bank (the whole blocks batched,
+then the cropped last one), whatever the number of blocks.
 """
 
 from __future__ import annotations
@@ -70,14 +70,18 @@ def template_matrix(spec: BankSpec, bank: dict) -> jax.Array:
 def pieces(spec: BankSpec, bank: dict) -> jax.Array:
     """`[groups, L]`: the bank's piece for each coefficient group.
 
-    Full size: `[groups, k] @ [k, L]`. Sub-layer: `[groups, blocks, k] @ [k, T]`
-    gives `[groups, blocks, T]`, flattened and cropped to L.
+    Full size: `[groups, k] @ [k, L]`. Sub-layer: the whole blocks are
+    `[groups, blocks - 1, k] @ [k, T]`, flattened, and the last one, cropped,
+    `[groups, k] @ [k, rest]`: the padded block is never materialised.
     """
     coefficients = bank["coefficients"][spec.key]
-    combined = coefficients @ template_matrix(spec, bank)
+    templates = template_matrix(spec, bank)
     if not spec.sublayer:
-        return combined
-    return combined.reshape(len(spec.groups), spec.blocks * spec.size)[:, : spec.piece_size]
+        return coefficients @ templates
+    groups, whole = len(spec.groups), (spec.blocks - 1) * spec.size
+    head = (coefficients[:, :-1] @ templates).reshape(groups, whole)
+    tail = coefficients[:, -1] @ templates[:, : spec.piece_size - whole]
+    return jnp.concatenate([head, tail], axis=1)
 
 
 def superweights(plan: Plan, bank: dict) -> dict[str, jax.Array]:
