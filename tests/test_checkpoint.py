@@ -27,10 +27,14 @@ def digits():
     return subset(load_digits(), 128, 64)  # 4 steps per epoch
 
 
+def wrn10(fraction: float):
+    modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
+    return build_budgeted(modules, Budget(fraction=fraction), jnp.zeros((1, 8, 8, 1)))
+
+
 @pytest.fixture(scope="module")
 def model():
-    modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
-    return build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
+    return wrn10(0.8)
 
 
 def stop_after(steps: int):
@@ -48,9 +52,12 @@ def leaves_equal(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
+@pytest.mark.parametrize("fraction", [0.8, 0.05], ids=["full-size", "sub-layer"])
 def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
-    digits, model, tmp_path
+    digits, fraction, tmp_path
 ):
+    model = wrn10(fraction)
+    assert model.plan.sublayer == (fraction < 0.5)
     reference, reference_metrics = train(model, digits, LOOP, OPTIM, progress=False)
 
     checkpoints = Checkpoints(tmp_path / "ckpt")

@@ -242,3 +242,29 @@ def test_unsharing_splits_block_coefficients_as_real_copies():
     before, after = compose(plan, params["bank"]), compose(new, new_bank)
     for layer_id, weight in before.items():
         np.testing.assert_allclose(after[layer_id], weight, rtol=1e-6, atol=1e-7)
+
+
+def test_an_ensemble_with_early_exits_from_one_sub_layer_bank():
+    modules = create_members(
+        ["wrn-16-1", "wrn-10-1"], num_classes=10, in_channels=1, seed=0, exits=True
+    )
+    budget = Budget(fraction=0.05, scope="model")
+    model = build_budgeted(modules, budget, jnp.zeros((1, 8, 8, 1)))
+    plan = model.plan
+    assert plan.sublayer and plan.spent <= plan.budget_params
+    assert {layer.member for layer in plan.layers} == {"wrn-16-1", "wrn-10-1"}
+    params, state = model.init(jax.random.key(0))
+    assert sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) == plan.trainable_params
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    logits, _ = model.apply(params, state, images)
+    exported = model.export(params)
+    for name, module in modules.items():
+        weights = nnx.state(module, nnx.Param)
+        nnx.replace_by_pure_dict(weights, exported[name])
+        nnx.update(module, weights)
+        module.eval()
+        plain = module(images)
+        for ours, theirs in zip(
+            jax.tree_util.tree_leaves(logits[name]), jax.tree_util.tree_leaves(plain), strict=True
+        ):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
