@@ -34,7 +34,7 @@ from experiments.ensemble import (
     parameter_saving,
 )
 from experiments.models import build_budgeted, build_dense, create_members
-from experiments.npas import SearchConfig, run_npas
+from experiments.npas import SearchConfig, run_npas, unshares
 from experiments.plots import assignment_figure, similarity_figure
 from experiments.train import (
     LoopConfig,
@@ -48,6 +48,7 @@ from experiments.train import (
 from search import SearchResult
 from superweights import Budget, BudgetError, Plan, SharingRule, from_plan
 from superweights.budget import SUBLAYER_TEMPLATES
+from superweights.plan import describe_bins
 
 DEFAULT_AUGMENTATION = {
     "cifar10": "cifar",
@@ -70,6 +71,7 @@ class RunConfig:
     scope: str = "banks"
     bins: int = 4
     sublayer_templates: int = SUBLAYER_TEMPLATES
+    fill: bool = True
     share_dense: bool = False
     dense: bool = False
     train_size: int | None = None
@@ -107,7 +109,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="count shared banks only (the paper) or every trainable param",
     )
     parser.add_argument(
-        "--bins", type=int, default=RunConfig.bins, help="depth bins of the initial clusters"
+        "--bins",
+        type=int,
+        default=RunConfig.bins,
+        help="depth bins of the initial clusters: each kernel kind (1x1, 3x3) of the largest "
+        "member gets max(1, round(bins * its layers / all its shared layers)) contiguous bins, "
+        "as in the authors' code (4 on a WRN-28: one 1x1 bin and four 3x3 bins)",
     )
     parser.add_argument(
         "--sublayer-templates",
@@ -115,6 +122,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=RunConfig.sublayer_templates,
         help="templates per bank below one full-size template per bank (0: refuse such "
         "budgets, the paper's geometry only)",
+    )
+    parser.add_argument(
+        "--no-fill",
+        dest="fill",
+        action="store_false",
+        help="leave what the paper's allocation rule does not spend unspent (the authors' "
+        "code); by default it goes to more templates and one partial template",
     )
     parser.add_argument("--share-dense", action="store_true", help="share dense kernels too")
 
@@ -266,6 +280,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         scope=args.scope,
         bins=args.bins,
         sublayer_templates=args.sublayer_templates,
+        fill=args.fill,
         share_dense=args.share_dense,
         dense=args.dense,
         train_size=args.train_size,
@@ -427,9 +442,12 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 bins=config.bins,
                 share_dense=config.share_dense,
                 sublayer_templates=config.sublayer_templates,
+                fill=config.fill,
+                reserve_unsharing=unshares(config.search, loop),
             )
             log(
-                f"{config.arch} at budget {budget.describe()}; initial clusters:\n"
+                f"{config.arch} at budget {budget.describe()}; initial clusters\n"
+                f"({describe_bins(initial.plan.layers, config.bins)}):\n"
                 f"{initial.report()}\n"
             )
             run = run_npas(
@@ -443,6 +461,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
                 bins=config.bins,
                 rule=rule,
                 sublayer_templates=config.sublayer_templates,
+                fill=config.fill,
                 log=log,
                 on_search=on_search,
                 resume=resumed,
@@ -678,8 +697,12 @@ def run_report(args: argparse.Namespace, log=print) -> None:
         bins=args.bins,
         share_dense=args.share_dense,
         sublayer_templates=args.sublayer_templates,
+        fill=args.fill,
     )
-    log(f"{args.arch} at budget {model.plan.budget.describe()}\n{model.report()}")
+    log(
+        f"{args.arch} at budget {model.plan.budget.describe()}\n"
+        f"{describe_bins(model.plan.layers, args.bins)}\n{model.report()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

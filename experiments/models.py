@@ -81,6 +81,8 @@ def build_budgeted(
     bins: int = 4,
     share_dense: bool = False,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    fill: bool = True,
+    reserve_unsharing: bool = False,
 ) -> BudgetedModel:
     rule = SharingRule(share_dense=share_dense)
     return superweights.budgeted(
@@ -90,6 +92,8 @@ def build_budgeted(
         bins=bins,
         rule=rule,
         sublayer_templates=sublayer_templates,
+        fill=fill,
+        reserve_unsharing=reserve_unsharing,
     )
 
 

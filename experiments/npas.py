@@ -143,6 +143,11 @@ def unshare_intervention(
     return intervene
 
 
+def unshares(config: SearchConfig, loop: LoopConfig) -> bool:
+    """Whether the final training unshares coefficients (and so plans room for it)."""
+    return 0 < config.unshare_epoch < loop.epochs
+
+
 def run_search(
     modules: Mapping[str, Any],
     dataset: Dataset,
@@ -155,6 +160,7 @@ def run_search(
     bins: int = 4,
     rule=None,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    fill: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] | None = None,
@@ -182,6 +188,7 @@ def run_search(
             rule=rule,
             shared_coefficients=True,
             sublayer_templates=sublayer_templates,
+            fill=fill,
         )
         resume_point = None
     log(f"search phase: {config.search_epochs} epochs on the initial clusters")
@@ -201,7 +208,12 @@ def run_search(
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
     grads = weight_gradients(searcher, state.params, state.model_state, sample)
     result = search.search_clusters(
-        searcher.plan, grads, budget, tau=config.tau, step=config.tau_step
+        searcher.plan,
+        grads,
+        budget,
+        tau=config.tau,
+        step=config.tau_step,
+        reserve_unsharing=unshares(config, loop),
     )
     return searcher, result, state
 
@@ -218,6 +230,7 @@ def run_npas(
     bins: int = 4,
     rule=None,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    fill: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict], None] | None = None,
@@ -255,6 +268,8 @@ def run_npas(
             bins=bins,
             rule=rule,
             sublayer_templates=sublayer_templates,
+            fill=fill,
+            reserve_unsharing=unshares(config, loop),
         )
     else:
         searcher, result, search_state = run_search(
@@ -268,6 +283,7 @@ def run_npas(
             bins=bins,
             rule=rule,
             sublayer_templates=sublayer_templates,
+            fill=fill,
             progress=progress,
             log=log,
             should_stop=should_stop,
@@ -276,7 +292,9 @@ def run_npas(
             checkpoint_steps=checkpoint_steps,
             resume=search_resume,
         )
-        plan = search.searched_plan(searcher.plan, result, budget)
+        plan = search.searched_plan(
+            searcher.plan, result, budget, fill=fill, reserve_unsharing=unshares(config, loop)
+        )
         final = BudgetedModel(plan, searcher.members)
         log(
             f"search: tau {result.tau:.2f}, {len(searcher.plan.clusters)} initial clusters -> "
@@ -289,7 +307,7 @@ def run_npas(
             initial = (params, search_state.model_state)
     record: dict = {}
     interventions = {}
-    if config.unshare_epoch and config.unshare_epoch < loop.epochs:
+    if unshares(config, loop):
         interventions[config.unshare_epoch] = unshare_intervention(
             dataset, loop, config, log, record
         )

@@ -21,7 +21,7 @@ from flax import nnx
 
 import superweights
 from experiments.cli import RunConfig, members_of
-from experiments.npas import SearchConfig
+from experiments.npas import SearchConfig, unshares
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, SharingRule
 
@@ -57,13 +57,18 @@ FASHION_SIZES = {"train_size": 6000, "test_size": 2000}
 
 
 def paper(dataset: str, arch: str, budget: str, scope: str = "banks") -> RunConfig:
-    """The paper's CIFAR recipe: 200 epochs, search 20, unshare at 10; `data_dir` left to you."""
+    """The paper's CIFAR recipe: 200 epochs, search 20, unshare at 10; `data_dir` left to you.
+
+    Planned as the authors' code plans: 4 bins by their rule, and what the
+    allocation rule leaves over stays unspent (`fill=False`).
+    """
     return RunConfig(
         arch=arch,
         dataset=dataset,
         data_dir=None,
         budget=budget,
         scope=scope,
+        fill=False,
         loop=PAPER_LOOP,
         optim=PAPER_OPTIM,
         search=PAPER_SEARCH,
@@ -89,8 +94,8 @@ def _presets() -> dict[str, RunConfig]:
     for dataset in ("cifar100", "cifar10"):
         for percent in LOW_BUDGETS + PAPER_BUDGETS:
             configs[f"{dataset}-wrn-28-10-b{percent}"] = paper(dataset, "wrn-28-10", f"{percent}%")
-    configs["cifar100-ensemble-18m"] = paper("cifar100", ENSEMBLE, "18M", scope="model")
-    configs["cifar100-multiwidth-18m"] = paper("cifar100", MULTI_WIDTH, "18M", scope="model")
+    configs["cifar100-ensemble-18m"] = paper("cifar100", ENSEMBLE, "18M")
+    configs["cifar100-multiwidth-18m"] = paper("cifar100", MULTI_WIDTH, "18M")
     for percent in (15, 25, 50):
         configs[f"digits-wrn-28-1-b{percent}"] = small("digits", "wrn-28-1", f"{percent}%")
     configs["digits-ensemble"] = small("digits", DIGITS_ENSEMBLE, "83%", scope="model")
@@ -137,11 +142,23 @@ def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
     return dataclasses.replace(config, **changes)
 
 
-def minimum_budget(config: RunConfig) -> tuple[int, int]:
-    """`(smallest feasible budget, full size)` of `config`'s model(s), in its scope.
+def initial_plan(config: RunConfig) -> superweights.Plan:
+    """The plan of `config` on its initial clusters (what a run without search trains).
 
     Planned on abstract shapes (`nnx.eval_shape`): nothing is allocated or trained.
     """
+    return _plan(config, Budget.parse(config.budget, config.scope), fill=config.fill)
+
+
+def minimum_budget(config: RunConfig) -> tuple[int, int]:
+    """`(smallest feasible budget, full size)` of `config`'s model(s), in its scope."""
+    # any feasible budget does: only the minimum is read
+    plan = _plan(config, Budget(params=2**62, scope=config.scope), fill=False)
+    full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
+    return plan.minimum_budget, full
+
+
+def _plan(config: RunConfig, budget: Budget, fill: bool) -> superweights.Plan:
     if config.dataset not in DATA_SHAPES:
         raise ValueError(f"no image shape known for dataset {config.dataset!r}")
     shape, num_classes = DATA_SHAPES[config.dataset]
@@ -150,17 +167,16 @@ def minimum_budget(config: RunConfig) -> tuple[int, int]:
             config.arch, config.exits, num_classes=num_classes, in_channels=shape[2], seed=0
         )
     )
-    plan = superweights.budgeted(
+    return superweights.budgeted(
         modules,
-        Budget(params=2**62, scope=config.scope),  # anything feasible: only the minimum is read
+        budget,
         sample_input=jax.ShapeDtypeStruct((1, *shape), jnp.float32),
         bins=config.bins,
         rule=SharingRule(share_dense=config.share_dense),
-        fill=False,
+        fill=fill,
         sublayer_templates=config.sublayer_templates,
+        reserve_unsharing=unshares(config.search, config.loop),
     ).plan
-    full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
-    return plan.minimum_budget, full
 
 
 def budget_params(config: RunConfig) -> tuple[int, int]:

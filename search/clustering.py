@@ -173,18 +173,23 @@ class SearchResult:
 
 
 def clusters_minimum_budget(
-    plan: Plan, clusters, coefficients: CoefficientMap, scope: str | None = None
+    plan: Plan,
+    clusters,
+    coefficients: CoefficientMap,
+    scope: str | None = None,
+    reserve_unsharing: bool = False,
 ) -> int:
     """The minimum feasible budget of `clusters`, counted as `make_plan` would.
 
     One template per (cluster, level): of the smallest sub-layer size where the
     plan allows sub-layer geometry, else full size. In `"model"` scope,
-    coefficients and the per-member params count too.
+    coefficients and the per-member params count too; with `reserve_unsharing`,
+    as many coefficient vectors as the bank has users.
     """
     model_scope = (scope or plan.budget.scope) == "model"
     banks = bank_layout(clusters, plan.layers, coefficients)
     return minimum_budget(
-        [b.demand() for b in banks],
+        [b.demand(reserve_unsharing) for b in banks],
         plan.unshared_params * model_scope,
         model_scope,
         sublayer=plan.sublayer_templates > 0,
@@ -254,6 +259,7 @@ def search_clusters(
     *,
     tau: float = 0.1,
     step: float = 0.05,
+    reserve_unsharing: bool = False,
 ) -> SearchResult:
     """Splits the plan's clusters by gradient conflict, under the budget.
 
@@ -264,6 +270,8 @@ def search_clusters(
       budget: the final model's budget; the plan's by default.
       tau: starting threshold: layers whose cosine is above it may share.
       step: how much tau drops each time the clusters do not fit.
+      reserve_unsharing: the final plan will keep room for unsharing
+        (`make_plan`); its minimum then counts that room.
 
     Raises:
       BudgetError: when even the merged-back clusters exceed the budget; the
@@ -282,7 +290,7 @@ def search_clusters(
         clusters, coefficients, assignment = build_clusters(
             plan, split_leader(plan, similarities, current), matches
         )
-        minimum = clusters_minimum_budget(plan, clusters, coefficients, scope)
+        minimum = clusters_minimum_budget(plan, clusters, coefficients, scope, reserve_unsharing)
         if minimum <= budget_params:
             return SearchResult(
                 clusters=clusters,
@@ -320,8 +328,8 @@ def searched_plan(
 ) -> Plan:
     """The final model's Plan: `result`'s clusters and coefficients under `budget`.
 
-    `allocation` goes to `make_plan` (`cap`, `passes`, `fill`, `sublayer_templates`,
-    which is the search plan's unless given).
+    `allocation` goes to `make_plan` (`cap`, `passes`, `fill`, `reserve_unsharing`,
+    `sublayer_templates`, which is the search plan's unless given).
     """
     allocation.setdefault("sublayer_templates", plan.sublayer_templates)
     return make_plan(

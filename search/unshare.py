@@ -103,7 +103,7 @@ def _with_coefficients(plan: Plan, coefficients: CoefficientMap) -> Plan:
         for old, new in zip(plan.banks, layout, strict=True)
     )
     new = dataclasses.replace(plan, coefficients=tuple(coefficients), banks=banks)
-    return dataclasses.replace(new, leftover=plan.budget_params - new.spent)
+    return dataclasses.replace(new, leftover=plan.budget_params - new.spent - new.reserved)
 
 
 def unshare_plan(plan: Plan, new_coefficients: CoefficientMap) -> Plan:
@@ -117,7 +117,7 @@ def unshare_plan(plan: Plan, new_coefficients: CoefficientMap) -> Plan:
     """
     new = _with_coefficients(plan, new_coefficients)
     source_rows(plan, new)
-    if new.spent > plan.budget_params:
+    if new.spent + new.reserved > plan.budget_params:
         raise BudgetError(
             f"unsharing adds {new.coefficient_params - plan.coefficient_params:,} coefficient "
             f"params and the plan would spend {new.spent:,} > its budget of "

@@ -290,6 +290,7 @@ def budgeted(
     cap: int = 8,
     passes: int = 7,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    reserve_unsharing: bool = False,
     key: jax.Array | None = None,
 ) -> BudgetedModel:
     """A budgeted model with the initial (depth-binned) clusters.
@@ -300,13 +301,17 @@ def budgeted(
       budget: the parameter budget.
       sample_input: one input batch (or its `jax.ShapeDtypeStruct`), used to
         trace the forward order and to initialise Linen modules.
-      bins: depth bins of the initial clusters.
+      bins: depth bins of the initial clusters: each kernel kind (1x1, 3x3,
+        ...) of the largest member gets `max(1, round(bins * n_kind / depth))`
+        contiguous bins, as in the authors' code (`initial_clusters`).
       rule: which kernels are shared (convolutions, not the `head`, by default).
       shared_coefficients: one coefficient vector per (cluster, level) for all
         its layers (the search model); otherwise each layer owns its own.
       fill: spend what the paper's allocation rule leaves over.
       sublayer_templates: templates per bank for budgets below one full-size
         template per bank, built from template-sized blocks; 0 refuses them.
+      reserve_unsharing: keep room in the budget for every layer to own its
+        coefficients, so that a later `search.unshare_plan` always fits.
       key: for initialising Linen modules.
     """
     key = jax.random.key(0) if key is None else key
@@ -327,6 +332,7 @@ def budgeted(
         passes=passes,
         fill=fill,
         sublayer_templates=sublayer_templates,
+        reserve_unsharing=reserve_unsharing,
     )
     return BudgetedModel(plan, tuple(members))
 

@@ -166,8 +166,20 @@ class BankSpec:
     def coefficient_params(self) -> int:
         return math.prod(self.coefficient_shape)
 
-    def demand(self) -> BankDemand:
-        return BankDemand(self.piece_size, self.users, len(self.groups))
+    @property
+    def group_params(self) -> int:
+        """Entries of one coefficient vector: `templates`, or `blocks * templates`."""
+        return math.prod(self.coefficient_shape[1:])
+
+    @property
+    def unsharing_room(self) -> int:
+        """Coefficient params unsharing can still add: one vector per user at most."""
+        return (self.users - len(self.groups)) * self.group_params
+
+    def demand(self, reserve_unsharing: bool = False) -> BankDemand:
+        """What the allocation sees; with `reserve_unsharing`, one vector per user."""
+        groups = self.users if reserve_unsharing else len(self.groups)
+        return BankDemand(self.piece_size, self.users, groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +200,8 @@ class Plan:
         below the full-size floor).
       sublayer_templates: templates per bank the allocation uses below the
         full-size floor; 0 if such budgets are refused.
+      reserve_unsharing: the allocation kept room for every layer to own its
+        coefficients (`reserved`), so that unsharing always fits the budget.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -200,6 +214,7 @@ class Plan:
     leftover: int
     paper_templates: tuple[int, ...]
     sublayer_templates: int = SUBLAYER_TEMPLATES
+    reserve_unsharing: bool = False
 
     @functools.cached_property
     def members(self) -> tuple[str, ...]:
@@ -256,7 +271,19 @@ class Plan:
     def _floor_args(self) -> tuple[list[BankDemand], int, bool]:
         model_scope = self.budget.scope == "model"
         fixed = self.unshared_params if model_scope else 0
-        return [b.demand() for b in self.banks], fixed, model_scope
+        return [b.demand(self.reserve_unsharing) for b in self.banks], fixed, model_scope
+
+    @property
+    def reserved(self) -> int:
+        """Budget kept for the coefficient vectors unsharing may still add.
+
+        Counted where coefficients count against the budget: every bank in model
+        scope, sub-layer banks in banks scope. 0 unless `reserve_unsharing`.
+        """
+        if not self.reserve_unsharing:
+            return 0
+        model_scope = self.budget.scope == "model"
+        return sum(b.unsharing_room for b in self.banks if model_scope or b.sublayer)
 
     @property
     def minimum_budget(self) -> int:
@@ -301,6 +328,7 @@ class Plan:
             leftover=raw["leftover"],
             paper_templates=tuple(raw["paper_templates"]),
             sublayer_templates=raw.get("sublayer_templates", SUBLAYER_TEMPLATES),
+            reserve_unsharing=raw.get("reserve_unsharing", False),
         )
 
 
@@ -312,17 +340,19 @@ def _shapes(chain: list) -> tuple[Shape, ...]:
     return tuple((int(o), int(i)) for o, i in chain)
 
 
-def _proportional_bins(counts: Mapping[tuple[int, ...], int], bins: int) -> dict:
-    """Splits `bins` over kernel kinds by their share of layers, at least 1 each."""
-    total = sum(counts.values())
-    quotas = {kind: bins * n / total for kind, n in counts.items()}
-    given = {kind: max(1, int(q)) for kind, q in quotas.items()}
-    by_remainder = sorted(counts, key=lambda kind: quotas[kind] - int(quotas[kind]), reverse=True)
-    for kind in by_remainder:
-        if sum(given.values()) >= bins:
-            break
-        given[kind] += 1
-    return {kind: min(n, counts[kind]) for kind, n in given.items()}
+def bins_per_kind(counts: Mapping[tuple[int, ...], int], depth: int, bins: int) -> dict:
+    """Depth bins per kernel kind: `max(1, round(bins * n_kind / depth))`.
+
+    `counts` holds the leader's layers of each kind and `depth` all its shared
+    layers, so `bins=4` on a WRN-28 (25 3x3 and 3 1x1 layers) gives four 3x3
+    bins and one 1x1 bin, as the authors' code does (Python's rounding).
+    """
+    return {kind: max(1, round(bins * n / depth)) for kind, n in counts.items()}
+
+
+def kind_order(spatial: tuple[int, ...]) -> tuple:
+    """Sort key of kernel kinds, smallest kernel first (dense, 1x1, then 3x3, ...)."""
+    return (math.prod(spatial), spatial)
 
 
 def largest_member(layers: Sequence[LayerSpec]) -> str:
@@ -333,13 +363,44 @@ def largest_member(layers: Sequence[LayerSpec]) -> str:
     return max(sizes, key=sizes.get)
 
 
+def kind_bins(layers: Sequence[LayerSpec], bins: int) -> tuple[str, dict, dict]:
+    """`(largest member, {kind: its layers of that kind}, {kind: bins})`, kinds sorted."""
+    leader = largest_member(layers)
+    kinds: dict[tuple[int, ...], int] = {}
+    for layer in sorted(layers, key=lambda x: kind_order(x.spatial)):
+        if layer.member == leader:
+            kinds[layer.spatial] = kinds.get(layer.spatial, 0) + 1
+    per_kind = bins_per_kind(kinds, sum(kinds.values()), bins)
+    for layer in layers:  # kinds the largest member lacks: one bin each
+        per_kind.setdefault(layer.spatial, 1)
+    return leader, kinds, dict(sorted(per_kind.items(), key=lambda kv: kind_order(kv[0])))
+
+
+def describe_bins(layers: Sequence[LayerSpec], bins: int) -> str:
+    """One line on how `bins` became initial clusters, for reports and logs."""
+    leader, kinds, per_kind = kind_bins(layers, bins)
+    depth = sum(kinds.values())
+    parts = [
+        f"{'x'.join(map(str, kind)) or 'dense'}: {kinds.get(kind, 0)} layers -> {n} "
+        + ("bin" if n == 1 else "bins")
+        for kind, n in per_kind.items()
+    ]
+    return (
+        f"bins={bins}: each kernel kind of the largest member ({leader}, {depth} shared "
+        f"layers) gets max(1, round(bins * layers / {depth})) depth bins; " + "; ".join(parts)
+    )
+
+
 def initial_clusters(layers: Sequence[LayerSpec], bins: int = 4) -> tuple[Cluster, ...]:
     """Kernel-size separation, then contiguous depth bins (method.md section 5).
 
-    The largest member's layers of each kernel kind are split into a number of
-    bins proportional to that kind's share of its layers (at least one); every
-    other member splits its own layers of that kind into as many bins, so that
-    layers at the same relative depth land in the same cluster.
+    The authors' rule: the largest member's layers of each kernel kind get
+    `max(1, round(bins * n_kind / depth))` bins (`bins_per_kind`); every member
+    splits its own layers of that kind into as many contiguous bins (earlier
+    bins take one layer more when they do not divide evenly), so that layers at
+    the same relative depth land in the same cluster. Clusters are numbered
+    smallest kernel first, then by depth; the allocation's round-robin visits
+    their banks in that order. Kinds the largest member lacks get one bin.
     """
     if not layers:
         raise ValueError(
@@ -348,18 +409,11 @@ def initial_clusters(layers: Sequence[LayerSpec], bins: int = 4) -> tuple[Cluste
         )
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    leader = largest_member(layers)
-    kinds: dict[tuple[int, ...], int] = {}
-    for layer in layers:
-        if layer.member == leader:
-            kinds[layer.spatial] = kinds.get(layer.spatial, 0) + 1
-    bins_per_kind = _proportional_bins(kinds, bins)
+    per_kind = kind_bins(layers, bins)[2]
     members = list(dict.fromkeys(layer.member for layer in layers))
-    strays = sorted({layer.spatial for layer in layers} - set(kinds))
-    bins_per_kind.update({kind: 1 for kind in strays})
 
     clusters = []
-    for kind, n_bins in bins_per_kind.items():
+    for kind, n_bins in per_kind.items():
         binned: list[list[LayerSpec]] = [[] for _ in range(n_bins)]
         for member in members:
             own = [x for x in layers if x.member == member and x.spatial == kind]
@@ -426,12 +480,16 @@ def make_plan(
     passes: int = 7,
     fill: bool = True,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    reserve_unsharing: bool = False,
 ) -> Plan:
     """Allocates templates for `clusters` under `budget` and returns the Plan.
 
     Budgets from one full-size template per bank up get the paper's geometry;
     below that, banks get `sublayer_templates` templates smaller than their
-    pieces (see `superweights.budget.allocate_sublayer`); 0 refuses them.
+    pieces (see `superweights.budget.allocate_sublayer`); 0 refuses them. With
+    `reserve_unsharing`, every coefficient vector a layer could get is counted
+    as if it existed, so that the plan stays within budget however far
+    `search.unshare_plan` later splits its coefficients (`Plan.reserved`).
 
     Raises:
       BudgetError: when the budget is below the minimum feasible one; the
@@ -445,7 +503,7 @@ def make_plan(
     fixed = sum(p.size for p in unshared) if model_scope else 0
     reference = sum(layer.size for layer in layers) + fixed
     budget_params = budget.resolve(reference)
-    demands = [b.demand() for b in banks]
+    demands = [b.demand(reserve_unsharing) for b in banks]
     try:
         allocation: Allocation = allocate(
             demands,
@@ -484,7 +542,11 @@ def make_plan(
         leftover=allocation.leftover,
         paper_templates=allocation.paper_templates,
         sublayer_templates=sublayer_templates,
+        reserve_unsharing=reserve_unsharing,
     )
-    if plan.spent > budget_params:
-        raise BudgetError(f"internal error: plan spends {plan.spent:,} > {budget_params:,}")
+    if plan.spent + plan.reserved > budget_params:
+        raise BudgetError(
+            f"internal error: plan spends {plan.spent:,} + reserves {plan.reserved:,} "
+            f"> {budget_params:,}"
+        )
     return plan

@@ -19,6 +19,7 @@ def budget_summary(plan: Plan) -> dict:
         "sublayer_banks": sum(b.sublayer for b in plan.banks),
         "spent": plan.spent,
         "leftover": plan.leftover,
+        "reserved_for_unsharing": plan.reserved,
         "utilisation": plan.spent / plan.budget_params,
         "templates": plan.template_params,
         "coefficients": plan.coefficient_params,
@@ -98,15 +99,22 @@ def budget_report(plan: Plan) -> str:
         ("coefficients", summary["coefficients"]),
         *((f"per-member {kind}", n) for kind, n in sorted(summary["unshared"].items())),
         ("total trainable", summary["trainable"]),
-        ("dense model (no sharing)", summary["dense_model"]),
     ]
+    if plan.reserve_unsharing:
+        parts.append(("reserved for unsharing", summary["reserved_for_unsharing"]))
+    parts.append(("dense model (no sharing)", summary["dense_model"]))
+    reserve = (
+        f"reserved {summary['reserved_for_unsharing']:,} for coefficient unsharing, "
+        if plan.reserve_unsharing
+        else ""
+    )
     totals = "\n".join(f"  {name:<26}{n:>14,}" for name, n in parts)
     return (
         _table(header, rows)
         + "\n\nParameters\n"
         + totals
         + f"\n\nBudget {summary['budget']}: {summary['budget_params']:,}; "
-        f"spent {summary['spent']:,} ({summary['utilisation']:.2%}), "
+        f"spent {summary['spent']:,} ({summary['utilisation']:.2%}), {reserve}"
         f"left over {summary['leftover']:,}; the smallest feasible budget is "
         f"{summary['minimum_budget']:,}, and full-size templates in every bank need "
         f"{summary['full_size_minimum']:,}.\n"

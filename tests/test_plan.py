@@ -21,6 +21,7 @@ from superweights import (
     own_coefficients,
     size_chain,
 )
+from superweights.plan import describe_bins
 
 # The WRN-28-7 example of method.md section 3, as (out, in).
 WRN_SHAPES = [(16, 3), (64, 16), (112, 16), (64, 64), (112, 112)]
@@ -125,22 +126,35 @@ def test_initial_clusters_contiguous_depth_bins():
     assert cluster_depths(clusters, layers) == [[0, 1, 2], [3, 4], [5, 6]]
 
 
-def test_initial_clusters_separate_kernel_sizes_with_proportional_bins():
-    # 6 3x3 and 2 1x1 layers, interleaved; 4 bins split 3 : 1 by their share (6/8, 2/8)
+def test_initial_clusters_bins_per_kernel_kind_by_the_authors_rule():
+    # 6 3x3 and 2 1x1 layers, interleaved. Bins per kind: max(1, round(bins * n / depth))
+    # with depth 8: 3x3 round(4 * 6 / 8) = 3, 1x1 round(4 * 2 / 8) = 1; 1x1 numbered first.
     kinds = [(3, 3), (3, 3), (1, 1), (3, 3), (3, 3), (1, 1), (3, 3), (3, 3)]
     layers = chain_specs("m", [(k, 4, 4) for k in kinds])
     clusters = initial_clusters(layers, bins=4)
-    assert [c.spatial for c in clusters] == [(3, 3)] * 3 + [(1, 1)]
-    assert cluster_depths(clusters, layers) == [[0, 1], [3, 4], [6, 7], [2, 5]]
-    # 1 bin still gives every kernel kind one cluster of its own
+    assert [c.spatial for c in clusters] == [(1, 1)] + [(3, 3)] * 3
+    assert cluster_depths(clusters, layers) == [[2, 5], [0, 1], [3, 4], [6, 7]]
+    # 1 bin: round(6 / 8) = 1 and max(1, round(2 / 8)) = 1, one cluster per kind
     clusters = initial_clusters(layers, bins=1)
-    assert [c.spatial for c in clusters] == [(3, 3), (1, 1)]
-    # 7 : 1 with 4 bins: quotas 3.5 and 0.5 -> 3 and (at least) 1
-    layers = chain_specs("m", [((3, 3), 4, 4)] * 7 + [((1, 1), 4, 4)])
-    assert [c.spatial for c in initial_clusters(layers, bins=4)] == [(3, 3)] * 3 + [(1, 1)]
-    # 5 bins, 3 : 2 layers -> quotas 3 and 2
+    assert [c.spatial for c in clusters] == [(1, 1), (3, 3)]
+    # a WRN-28: 25 3x3 and 3 1x1 layers, 4 bins -> round(3.57) = 4 and max(1, round(0.43)) = 1
+    layers = chain_specs("m", [((3, 3), 4, 4)] * 25 + [((1, 1), 4, 4)] * 3)
+    clusters = initial_clusters(layers, bins=4)
+    assert [c.spatial for c in clusters] == [(1, 1)] + [(3, 3)] * 4
+    assert [len(c.layers) for c in clusters] == [3, 7, 6, 6, 6]  # earlier bins take the excess
+    # Python's rounding (half to even): 5 bins, 3 : 2 layers -> round(3.0) = 3, round(2.0) = 2;
+    # 2 bins, 3 : 1 layers -> round(1.5) = 2 and max(1, round(0.5)) = 1
     layers = chain_specs("m", [((3, 3), 4, 4)] * 3 + [((1, 1), 4, 4)] * 2)
-    assert [c.spatial for c in initial_clusters(layers, bins=5)] == [(3, 3)] * 3 + [(1, 1)] * 2
+    assert [c.spatial for c in initial_clusters(layers, bins=5)] == [(1, 1)] * 2 + [(3, 3)] * 3
+    layers = chain_specs("m", [((3, 3), 4, 4)] * 3 + [((1, 1), 4, 4)])
+    assert [c.spatial for c in initial_clusters(layers, bins=2)] == [(1, 1)] + [(3, 3)] * 2
+
+
+def test_describe_bins_names_the_rule_and_the_counts():
+    layers = chain_specs("m", [((3, 3), 4, 4)] * 25 + [((1, 1), 4, 4)] * 3)
+    text = describe_bins(layers, 4)
+    assert "largest member (m, 28 shared layers)" in text
+    assert "1x1: 3 layers -> 1 bin; 3x3: 25 layers -> 4 bins" in text
 
 
 def test_initial_clusters_never_more_bins_than_layers():

@@ -82,7 +82,7 @@ def test_tight_budgets_fit_the_models(arch, scope):
 
 
 def test_above_the_floor_the_plan_is_the_paper_geometry():
-    for fraction in (0.2, 0.3, 0.5):
+    for fraction in (0.25, 0.3, 0.5):  # the floor is 23.9% with the authors' 5 clusters
         budget = Budget(fraction=fraction)
         plan = plan_at("wrn-28-10", budget)
         assert not plan.sublayer
