@@ -651,6 +651,7 @@ def ensemble_summary(model, state, dataset, batch_size: int, out: Path | None, l
         },
         "diversity": metrics["diversity"],
         "ensemble_nll": metrics["nll"],
+        "member_accuracy": {name: metrics[f"accuracy/{name}"] for name in finals},
         "fully_parameterized_params": full,
         "parameter_saving_percent": parameter_saving(params, full),
         "member_flops": flops,

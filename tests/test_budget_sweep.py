@@ -119,7 +119,7 @@ def test_feasible_budgets_keeps_the_order_and_notes_the_minimum():
     kept, notes = feasible_budgets(base, ("2%", "0.5%", "5%", "0.1%", "200k"))
     assert kept == ["2%", "5%", "200k"]
     assert [n.split(":")[0] for n in notes] == ["skipped budget 0.5%", "skipped budget 0.1%"]
-    assert "2,715 = 0.74% (banks scope) with 4 bins" in notes[0]
+    assert "3,058 = 0.83% (banks scope) with 4 bins" in notes[0]
 
 
 def test_no_feasible_budget_is_an_error(tmp_path):

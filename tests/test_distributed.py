@@ -56,7 +56,9 @@ def test_two_host_devices_train_like_one():
     one, two = run_on(1), run_on(2)
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["replicated_on"] == 2
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    # float32: two devices sum the batch's gradients in another order (seen: 1.4e-5 relative
+    # after one step); a wrong average over devices would be off by far more
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1 / 64)
 
 

@@ -274,7 +274,14 @@ def test_run_search_clusters_the_gradients_of_its_trained_state(searches, digits
     searcher, result, state, _ = searches[0]
     sample = gradient_batches(digits, LOOP.batch_size, CONFIG.gradient_batches, LOOP.seed + 1)
     grads = weight_gradients(searcher, state.params, state.model_state, sample)
-    assert search.search_clusters(searcher.plan, grads, BUDGET, tau=CONFIG.tau) == result
+    # the run unshares later, so its search counted the room unsharing keeps
+    reserve = npas.unshares(CONFIG, LOOP)
+    assert (
+        search.search_clusters(
+            searcher.plan, grads, BUDGET, tau=CONFIG.tau, reserve_unsharing=reserve
+        )
+        == result
+    )
     # The initial weights (train's init key) give other gradients: the phase trained.
     init_key, _ = jax.random.split(jax.random.key(LOOP.seed))
     fresh, model_state = searcher.init(init_key)
@@ -683,7 +690,12 @@ def search_on_random_gradients(
     rng = np.random.default_rng(0)
     grads = {layer.id: rng.normal(size=layer.shape) for layer in searcher.plan.layers}
     result = search.search_clusters(
-        searcher.plan, grads, budget, tau=config.tau, step=config.tau_step
+        searcher.plan,
+        grads,
+        budget,
+        tau=config.tau,
+        step=config.tau_step,
+        reserve_unsharing=npas.unshares(config, loop),
     )
     return searcher, result, None
 
@@ -709,11 +721,37 @@ def test_run_npas_with_a_model_scope_budget_unshares_within_it(digits, monkeypat
         progress=False,
         log=lambda _: None,
     )
-    # The final plan already spends the whole model-scope budget, so the copies unsharing
-    # needs do not fit: it is skipped, with the reason recorded, and training goes on.
-    assert "3,000" in out["unshare"]["skipped"]
-    assert out["model"].plan.spent <= 3000
-    assert trainable_params(out["state"].params) <= 3000
+    # The final plan kept room for every layer's own vectors (fill spent only the rest), so
+    # the disagreeing sharers are split off and the model stays within its budget.
+    initial, final = out["initial_plan"], out["model"].plan
+    assert initial.reserve_unsharing and initial.reserved > 0
+    assert initial.spent + initial.reserved + initial.leftover == 3000
+    assert out["unshare"]["vectors_after"] > out["unshare"]["vectors_before"]
+    assert final.coefficient_params > initial.coefficient_params
+    assert final.spent + final.reserved <= 3000
+    assert final.reserved == initial.reserved - (final.spent - initial.spent)
+    assert trainable_params(out["state"].params) == final.trainable_params <= 3000
+
+
+def test_run_npas_without_unsharing_reserves_nothing(digits, monkeypatch):
+    monkeypatch.setattr(npas, "run_search", search_on_random_gradients)
+    monkeypatch.setattr(npas, "train", TrainCalls(dry=True))
+    budget = Budget(params=3000, scope="model")
+    out = npas.run_npas(
+        pair(),
+        digits,
+        budget,
+        SAMPLE,
+        LOOP,
+        OPTIM,
+        SearchConfig(unshare_epoch=0),
+        bins=1,
+        progress=False,
+        log=lambda _: None,
+    )
+    plan = out["model"].plan
+    assert not plan.reserve_unsharing and plan.reserved == 0
+    assert plan.spent == 3000  # fill spends the whole budget
 
 
 def test_run_npas_accepts_a_model_scope_budget_that_the_searched_plan_fits(digits, monkeypatch):

@@ -26,8 +26,8 @@ def search_plan(layers, bins):
 def two_members():
     """`big`: three 3x3 layers and a 1x1 one; `small`: two 3x3 layers and a 1x1 one.
 
-    Two initial clusters: the 3x3 layers, and the 1x1 layers (one of `big`'s: a panel of
-    a single layer).
+    Two initial clusters with one bin: the 1x1 layers (one of `big`'s: a panel of a single
+    layer), then the 3x3 layers.
     """
     big = chain_specs("big", [((3, 3), 8, 8), ((3, 3), 8, 8), ((3, 3), 8, 16), ((1, 1), 8, 16)])
     small = chain_specs("small", [((3, 3), 4, 4), ((3, 3), 4, 8), ((1, 1), 4, 8)])
@@ -49,7 +49,7 @@ def gradients(layers, seed=0):
 @pytest.fixture(scope="module")
 def found():
     layers = two_members()
-    plan = search_plan(layers, bins=2)
+    plan = search_plan(layers, bins=1)
     return plan, search_clusters(plan, gradients(layers))
 
 
@@ -60,19 +60,23 @@ def read_png(path: Path) -> np.ndarray:
     return matplotlib.image.imread(path)
 
 
-def has_colour(image: np.ndarray, colour: np.ndarray, tolerance=0.02) -> bool:
-    """Whether the left half (the first panel, away from the colour bar) has `colour`."""
-    left = image[:, : image.shape[1] // 2, :3]
-    return bool((np.abs(left - colour).max(-1) < tolerance).any())
+def has_colour(image: np.ndarray, colour: np.ndarray, tolerance=0.02, half=0) -> bool:
+    """Whether the left half (`half=0`: the first panel) or the right one has `colour`.
+
+    The right half is read without its last fifth, where the colour bar is.
+    """
+    width = image.shape[1] // 2
+    part = image[:, half * width : half * width + (width if half == 0 else 4 * width // 5), :3]
+    return bool((np.abs(part - colour).max(-1) < tolerance).any())
 
 
 def test_the_hand_made_search_splits_the_opposed_layer(found):
     plan, result = found
     assert [c.name for c in plan.clusters] == ["c0", "c1"]
-    assert [len(s.layers) for s in result.similarities] == [3, 1]
+    assert [len(s.layers) for s in result.similarities] == [1, 3]
     assigned = result.cluster_of
     assert assigned["big:l0.kernel"] == assigned["big:l1.kernel"] != assigned["big:l2.kernel"]
-    assert assigned["big:l3.kernel"] == assigned["small:l2.kernel"] == "c1"
+    assert assigned["big:l3.kernel"] == assigned["small:l2.kernel"] == "c0"
 
 
 def test_similarity_figure_writes_one_heatmap_per_initial_cluster(found, tmp_path):
@@ -83,9 +87,11 @@ def test_similarity_figure_writes_one_heatmap_per_initial_cluster(found, tmp_pat
     # Two panels side by side: 2 x 6.5 by 5.6 inches at 110 dpi.
     assert image.shape[:2] == (616, 1430)
     assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 20
-    # The first panel's diagonal (+1) and opposed pair (-1): the ends of the colour map.
-    assert has_colour(image, DARK_RED)
-    assert has_colour(image, DARK_BLUE)
+    # The 1x1 panel is one layer (+1); the 3x3 panel has its diagonal (+1) and the opposed
+    # pair (-1): the ends of the colour map.
+    assert has_colour(image, DARK_RED) and not has_colour(image, DARK_BLUE)
+    assert has_colour(image, DARK_RED, half=1)
+    assert has_colour(image, DARK_BLUE, half=1)
 
 
 def test_similarity_figure_of_a_json_round_trip_is_the_same_picture(found, tmp_path):

@@ -1,4 +1,5 @@
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +27,18 @@ from superweights import (
     make_plan,
     own_coefficients,
 )
+from superweights.report import budget_report, budget_summary
 
 # One cluster, chain (8, 8) -> (16, 8): level 0 read by all four layers, level 1 by l3.
 LAYERS = chain_specs("net", [((3, 3), 8, 8)] * 3 + [((3, 3), 8, 16)])
 IDS = [x.id for x in LAYERS]
 
 
-def shared_plan(budget=None, coefficients=cluster_coefficients):
+def shared_plan(budget=None, coefficients=cluster_coefficients, **allocation):
     clusters = initial_clusters(LAYERS, 1)
     budget = budget or Budget(params=4_000)
-    return make_plan(LAYERS, [], clusters, coefficients(clusters, LAYERS), budget, fill=False)
+    allocation.setdefault("fill", False)
+    return make_plan(LAYERS, [], clusters, coefficients(clusters, LAYERS), budget, **allocation)
 
 
 def targets(seed=0):
@@ -144,6 +147,49 @@ def test_unsharing_over_a_model_scope_budget_raises():
     grads = layer_coefficient_gradients(tight, init_bank(tight, jax.random.key(0)), targets())
     with pytest.raises(BudgetError, match="budget"):
         unshare_plan(tight, coefficient_gradient_groups(tight, grads))
+
+
+@pytest.mark.parametrize("sublayer_templates", [0, 2])
+def test_a_plan_that_reserves_room_unshares_within_any_budget(sublayer_templates):
+    # Model scope at the smallest feasible budget with the reserve: one vector per user
+    # (4 at level 0, 1 at level 1) is counted, so even every layer owning its vectors fits.
+    def plan_at(budget, **allocation):
+        return shared_plan(
+            Budget(params=budget, scope="model"),
+            reserve_unsharing=True,
+            sublayer_templates=sublayer_templates,
+            **allocation,
+        )
+
+    tight = plan_at(plan_at(10**6).minimum_budget, fill=True)
+    assert tight.reserve_unsharing and tight.reserved > 0
+    # the reserve is what three more level-0 vectors cost: (users - groups) * vector entries
+    level0 = tight.banks[0]
+    assert tight.reserved == (4 - 1) * math.prod(level0.coefficient_shape[1:])
+    assert tight.spent + tight.reserved + tight.leftover == tight.budget_params
+    own = tuple((i, (i,) * len(g)) for i, g in tight.coefficients)  # the most unsharing can do
+    unshared = unshare_plan(tight, own)
+    assert unshared.spent <= tight.budget_params
+    assert unshared.reserved == 0
+    assert unshared.spent + unshared.leftover == tight.budget_params
+    # without the reserve the same budget plans templates in that room, and unsharing fails
+    greedy = shared_plan(
+        Budget(params=tight.budget_params, scope="model"),
+        fill=True,
+        sublayer_templates=sublayer_templates,
+    )
+    assert greedy.spent == greedy.budget_params
+    with pytest.raises(BudgetError, match="leave room"):
+        unshare_plan(greedy, own)
+
+
+def test_the_report_shows_the_reserve_as_its_own_line():
+    plan = shared_plan(Budget(params=10**4, scope="model"), reserve_unsharing=True)
+    text = budget_report(plan)
+    assert f"reserved for unsharing{plan.reserved:>18,}" in text
+    assert f"reserved {plan.reserved:,} for coefficient unsharing" in text
+    assert budget_summary(plan)["reserved_for_unsharing"] == plan.reserved
+    assert "reserved" not in budget_report(shared_plan(Budget(params=10**4, scope="model")))
 
 
 # --- copies of coefficients and optimizer state -------------------------------------------------

@@ -1,0 +1,103 @@
+import csv
+import dataclasses
+import statistics
+
+import pytest
+
+from experiments import ensemble_sweep, presets
+from experiments.ensemble_sweep import FULL, EnsembleSweep, Result, markdown_table, run_config
+
+TINY = presets.with_overrides(
+    ensemble_sweep.SWEEPS["digits"].base,
+    train_size=128,
+    test_size=64,
+    loop={"epochs": 2, "batch_size": 32},
+    search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 1, "unshare_batches": 2},
+)
+MEMBERS = "wrn-16-1,wrn-10-1"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ensembles")
+    lines: list[str] = []
+    config = EnsembleSweep(TINY, (("depths", MEMBERS),), budgets=("83%",), seeds=(0, 1))
+    results = ensemble_sweep.run_ensemble_sweep(config, out, log=lines.append)
+    return results, out, lines
+
+
+def test_every_arm_and_seed_is_one_row(sweep):
+    results, out, _ = sweep
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        (FULL, "0"),
+        ("83%", "0"),
+        (FULL, "1"),
+        ("83%", "1"),
+    ]
+    for row, result in zip(rows, results, strict=True):
+        assert int(row["trainable_params"]) == result.trainable_params
+        assert 0 <= result.accuracy <= 1 and result.nll > 0 and 0 <= result.diversity <= 1
+        assert set(result.member_accuracy) == {"wrn-16-1", "wrn-10-1"}
+        assert row["member_accuracy"].startswith("wrn-16-1=")
+
+
+def test_the_superweight_arm_is_within_its_share_of_the_full_ensemble(sweep):
+    results, _, _ = sweep
+    full = {r.seed: r.trainable_params for r in results if r.arm == FULL}
+    assert len(set(full.values())) == 1  # the same dense members every seed
+    for r in results:
+        if r.arm == "83%":
+            assert r.trainable_params <= int(0.83 * full[r.seed])
+            assert r.trainable_params > 0.8 * full[r.seed]
+            # unsharing was planned, so it ran (it never lacks room) and is recorded
+            assert r.unshare.endswith("vectors") and "skipped" not in r.unshare
+
+
+def test_the_table_and_figure_are_written(sweep):
+    results, out, lines = sweep
+    table = (out / "results.md").read_text()
+    assert table.startswith("| ensemble | arm | seeds | params | % of full | accuracy | NLL |")
+    assert "| depths (wrn-16-1,wrn-10-1) | full ensemble | 2 |" in table
+    assert "| depths (wrn-16-1,wrn-10-1) | SuperWeights 83% | 2 |" in table
+    assert (out / "ensembles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lines[0].startswith("[1/4] depths")
+    assert lines[-1] == markdown_table(results)
+
+
+def result(arm, seed, accuracy, params=100):
+    return Result("e", "a,b", arm, seed, params, accuracy, 0.5, 0.1, {"a": accuracy}, "", 1.0)
+
+
+def test_the_table_gives_mean_and_sample_spread():
+    results = [result(FULL, s, a) for s, a in ((0, 0.9), (1, 0.8), (2, 0.7))]
+    results += [result("60%", 0, 0.85, params=60)]
+    table = markdown_table(results)
+    spread = statistics.stdev([0.9, 0.8, 0.7])
+    assert f"| 80.00 ± {100 * spread:.2f} |" in table
+    assert "| SuperWeights 60% | 1 | 60 | 60.0% | 85.00 |" in table
+
+
+def test_run_config_sets_the_arm_and_keeps_the_recipe():
+    full = run_config(TINY, MEMBERS, FULL, 3)
+    budgeted = run_config(TINY, MEMBERS, "60%", 3)
+    assert full.dense and not budgeted.dense
+    assert (budgeted.budget, budgeted.scope, budgeted.loop.seed) == ("60%", "model", 3)
+    assert dataclasses.replace(full, dense=False, budget="60%") == budgeted
+
+
+def test_an_infeasible_budget_is_refused_before_training(tmp_path):
+    config = EnsembleSweep(TINY, (("depths", MEMBERS),), budgets=("0.5%",), seeds=(0,))
+    with pytest.raises(ensemble_sweep.BudgetError, match="below its minimum"):
+        ensemble_sweep.run_ensemble_sweep(config, tmp_path, log=lambda _: None)
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_command_line_overrides():
+    args = ensemble_sweep.parse_args(["--preset", "fashion", "--seeds", "4,5", "--epochs", "3"])
+    sweep = ensemble_sweep.sweep_from_args(args)
+    assert sweep.seeds == (4, 5) and sweep.base.loop.epochs == 3
+    assert sweep.budgets == ("83%", "60%") and sweep.base.scope == "model"
+    with pytest.raises(ValueError, match="whole numbers"):
+        ensemble_sweep.sweep_from_args(ensemble_sweep.parse_args(["--seeds", "a"]))
