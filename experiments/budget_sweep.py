@@ -388,17 +388,30 @@ def write_results(results: Sequence[Result], notes: Sequence[str], out: Path) ->
 # --- command line ------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.budget_sweep", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--preset", default="small", choices=sorted(SWEEPS))
-    parser.add_argument("--output-dir", default=None, help="default: runs/budget-sweep-<preset>")
-    parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
-    parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 15%%,25%%")
+def sweep_parser(
+    prog: str, description: str, choices: Sequence[str], default: str, output: str, budgets: str
+) -> argparse.ArgumentParser:
+    """The options every sweep script takes: preset, output, budgets, seeds, epochs, verbose."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", default=default, choices=sorted(choices))
+    parser.add_argument("--output-dir", default=None, help=f"default: {output}")
+    parser.add_argument("--budgets", default=None, help=f"comma-separated, e.g. {budgets}")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--verbose", action="store_true", help="every run's own log")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = sweep_parser(
+        "python -m experiments.budget_sweep",
+        __doc__.splitlines()[0],
+        SWEEPS,
+        "small",
+        "runs/budget-sweep-<preset>",
+        "15%%,25%%",
+    )
+    parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
     return parser.parse_args(argv)
 
 

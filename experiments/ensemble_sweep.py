@@ -29,7 +29,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import presets  # noqa: E402
-from experiments.budget_sweep import NO_DATA_DIR, budget_slug, parse_seeds  # noqa: E402
+from experiments.budget_sweep import (  # noqa: E402
+    NO_DATA_DIR,
+    budget_slug,
+    parse_seeds,
+    sweep_parser,
+)
 from experiments.cli import RunConfig, run_training  # noqa: E402
 from superweights import BudgetError  # noqa: E402
 
@@ -303,15 +308,14 @@ def write_results(results: Sequence[Result], out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.ensemble_sweep", description=__doc__.splitlines()[0]
+    parser = sweep_parser(
+        "python -m experiments.ensemble_sweep",
+        __doc__.splitlines()[0],
+        SWEEPS,
+        "fashion",
+        "runs/ensemble-<preset>",
+        "83%%,60%%",
     )
-    parser.add_argument("--preset", default="fashion", choices=sorted(SWEEPS))
-    parser.add_argument("--output-dir", default=None, help="default: runs/ensemble-<preset>")
-    parser.add_argument("--budgets", default=None, help="comma-separated, e.g. 83%%,60%%")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--verbose", action="store_true", help="every run's own log")
     return parser.parse_args(argv)
 
 

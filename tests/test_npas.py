@@ -704,23 +704,18 @@ def trainable_params(params) -> int:
     return sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def test_run_npas_with_a_model_scope_budget_unshares_within_it(digits, monkeypatch):
+def dry_model_scope_run(digits, monkeypatch, config: SearchConfig) -> dict:
+    """`run_npas` of the pair at 3,000 params in model scope, searched on random gradients."""
     monkeypatch.setattr(npas, "run_search", search_on_random_gradients)
     monkeypatch.setattr(npas, "train", TrainCalls(dry=True))
     budget = Budget(params=3000, scope="model")
+    quiet = dict(progress=False, log=lambda _: None)
+    return npas.run_npas(pair(), digits, budget, SAMPLE, LOOP, OPTIM, config, bins=1, **quiet)
+
+
+def test_run_npas_with_a_model_scope_budget_unshares_within_it(digits, monkeypatch):
     config = SearchConfig(unshare_epoch=1, unshare_batches=2, unshare_threshold=0.9999)
-    out = npas.run_npas(
-        pair(),
-        digits,
-        budget,
-        SAMPLE,
-        LOOP,
-        OPTIM,
-        config,
-        bins=1,
-        progress=False,
-        log=lambda _: None,
-    )
+    out = dry_model_scope_run(digits, monkeypatch, config)
     # The final plan kept room for every layer's own vectors (fill spent only the rest), so
     # the disagreeing sharers are split off and the model stays within its budget.
     initial, final = out["initial_plan"], out["model"].plan
@@ -734,21 +729,7 @@ def test_run_npas_with_a_model_scope_budget_unshares_within_it(digits, monkeypat
 
 
 def test_run_npas_without_unsharing_reserves_nothing(digits, monkeypatch):
-    monkeypatch.setattr(npas, "run_search", search_on_random_gradients)
-    monkeypatch.setattr(npas, "train", TrainCalls(dry=True))
-    budget = Budget(params=3000, scope="model")
-    out = npas.run_npas(
-        pair(),
-        digits,
-        budget,
-        SAMPLE,
-        LOOP,
-        OPTIM,
-        SearchConfig(unshare_epoch=0),
-        bins=1,
-        progress=False,
-        log=lambda _: None,
-    )
+    out = dry_model_scope_run(digits, monkeypatch, SearchConfig(unshare_epoch=0))
     plan = out["model"].plan
     assert not plan.reserve_unsharing and plan.reserved == 0
     assert plan.spent == 3000  # fill spends the whole budget
