@@ -316,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs/ensemble-<preset>",
         "83%%,60%%",
     )
+    parser.add_argument(
+        "--ensembles", default=None, help="comma-separated labels of the preset's ensembles"
+    )
     return parser.parse_args(argv)
 
 
@@ -330,7 +333,15 @@ def sweep_from_args(args: argparse.Namespace) -> EnsembleSweep:
     if args.budgets:
         budgets = tuple(b.strip() for b in args.budgets.split(","))
     seeds = parse_seeds(args.seeds) if args.seeds else sweep.seeds
-    return dataclasses.replace(sweep, base=base, budgets=budgets, seeds=seeds)
+    ensembles = sweep.ensembles
+    if args.ensembles:
+        wanted = [x.strip() for x in args.ensembles.split(",")]
+        known = [label for label, _ in sweep.ensembles]
+        unknown = [x for x in wanted if x not in known]
+        if unknown:
+            raise ValueError(f"unknown ensembles {unknown}; --preset {args.preset} has {known}")
+        ensembles = tuple(e for e in sweep.ensembles if e[0] in wanted)
+    return dataclasses.replace(sweep, base=base, budgets=budgets, seeds=seeds, ensembles=ensembles)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,6 +260,7 @@ def search_clusters(
     tau: float = 0.1,
     step: float = 0.05,
     reserve_unsharing: bool = False,
+    share_copies: bool = False,
 ) -> SearchResult:
     """Splits the plan's clusters by gradient conflict, under the budget.
 
@@ -272,6 +273,9 @@ def search_clusters(
       step: how much tau drops each time the clusters do not fit.
       reserve_unsharing: the final plan will keep room for unsharing
         (`make_plan`); its minimum then counts that room.
+      share_copies: let a member with the same architecture as an earlier one
+        share that member's coefficients (it then composes the same kernels);
+        by default it owns its own (`search.matching.copies`).
 
     Raises:
       BudgetError: when even the merged-back clusters exceed the budget; the
@@ -288,7 +292,7 @@ def search_clusters(
     while True:
         current = round(tau - attempt * step, 10)
         clusters, coefficients, assignment = build_clusters(
-            plan, split_leader(plan, similarities, current), matches
+            plan, split_leader(plan, similarities, current), matches, share_copies
         )
         minimum = clusters_minimum_budget(plan, clusters, coefficients, scope, reserve_unsharing)
         if minimum <= budget_params:

@@ -46,6 +46,26 @@ def position_references(plan: Plan, leader: str) -> dict[str, str]:
     return references
 
 
+def copies(plan: Plan, leader: str | None = None) -> dict[str, str]:
+    """`{member: earlier member}` for members whose shared layers have the same shapes, in
+    the same order, as a member placed before them (the leader counts as placed first).
+
+    Such a copy, matched by position, would compose exactly its partner's kernels if it
+    shared its coefficients: a duplicate network, an ensemble member that adds nothing.
+    """
+    leader = leader or largest_member(plan.layers)
+    shapes: dict[str, list] = {m: [] for m in plan.members}
+    for layer in plan.layers:
+        shapes[layer.member].append(layer.shape)
+    placed = [leader] + [m for m in plan.members if m != leader]
+    found = {}
+    for i, member in enumerate(placed[1:], start=1):
+        twin = next((m for m in placed[:i] if shapes[m] == shapes[member]), None)
+        if twin is not None and shapes[member]:
+            found[member] = twin
+    return found
+
+
 def most_similar(gradient, candidates: Mapping[str, np.ndarray]) -> str:
     """The candidate id whose gradient has the highest cosine with `gradient` (first on ties)."""
     ids = list(candidates)
@@ -126,14 +146,18 @@ def build_clusters(
     plan: Plan,
     leader_assignment: Mapping[str, str],
     matches: Mapping[str, str],
+    share_copies: bool = False,
 ) -> tuple[tuple[Cluster, ...], CoefficientMap, dict[str, str]]:
     """The final clusters, coefficient map and `{layer id: new cluster name}`.
 
     Leader layers go to `leader_assignment[id]` and own their coefficients;
     matched layers follow their leader layer and share its coefficients
-    (`matched_groups`); any other layer keeps its cluster and owns its
-    coefficients. Clusters are ordered by initial cluster, then by first leader
-    layer; layers inside a cluster keep the plan's order.
+    (`matched_groups`), except the layers of a copy of an earlier member
+    (`copies`: the same architecture), which own theirs so that the copy composes
+    kernels of its own from the shared templates; any other layer keeps its
+    cluster and owns its coefficients. `share_copies=True` lets copies share
+    too, as the method has it. Clusters are ordered by initial cluster, then by
+    first leader layer; layers inside a cluster keep the plan's order.
     """
     assignment = {}
     order: list[str] = []
@@ -157,10 +181,11 @@ def build_clusters(
     for cluster in clusters:
         for layer_id in cluster.layers:
             level[layer_id] = cluster.level_of(plan.layer[layer_id])
+    duplicates = {} if share_copies else copies(plan)
     coefficients = []
     for cluster in clusters:
         for layer_id in cluster.layers:
-            if layer_id in matches:
+            if layer_id in matches and plan.layer[layer_id].member not in duplicates:
                 target = matches[layer_id]
                 groups = matched_groups(level[layer_id], target, level[target], layer_id)
             else:

@@ -515,7 +515,8 @@ def twin_model(traces: collections.Counter) -> BudgetedModel:
         layer.id: wide[layer.depth] for layer in plan.layers if layer.member.startswith("twin")
     }
     leaders = {i: plan.cluster_of[i].name for i in wide.values()}
-    clusters, coefficients, _ = search.build_clusters(plan, leaders, matches)
+    # twins are copies of one another: let them share, to exercise unsharing
+    clusters, coefficients, _ = search.build_clusters(plan, leaders, matches, share_copies=True)
     shared = make_plan(plan.layers, plan.unshared, clusters, coefficients, plan.budget)
     return BudgetedModel(shared, tuple(counted(m, traces) for m in base.members))
 

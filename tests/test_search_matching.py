@@ -5,6 +5,7 @@ from conftest import chain_specs
 
 from search.matching import (
     build_clusters,
+    copies,
     match_layers,
     matched_groups,
     member_depths,
@@ -123,6 +124,35 @@ def test_build_clusters_shares_the_matched_layers_coefficients():
     np.testing.assert_array_equal(weights["small:l0.kernel"], weights["big:l3.kernel"][..., :3, :4])
     np.testing.assert_array_equal(weights["small:l1.kernel"][..., :8, :8], weights["big:l0.kernel"])
     assert not np.allclose(weights["small:l0.kernel"], weights["big:l2.kernel"][..., :3, :4])
+
+
+def test_copies_are_members_with_an_earlier_members_shapes():
+    small = chain_specs("small", [((3, 3), 4, 4)] * 2)
+    again = chain_specs("again", [((3, 3), 4, 4)] * 2)
+    narrow = chain_specs("narrow", [((3, 3), 4, 4)] * 4)  # the leader's depth, not its shapes
+    twin = chain_specs("twin", BIG)
+    plan = plan_of(chain_specs("big", BIG) + small + again + narrow + twin)
+    assert copies(plan) == {"again": "small", "twin": "big"}
+
+
+def test_a_copy_owns_its_coefficients_and_composes_its_own_kernels():
+    big, twin = chain_specs("big", BIG), chain_specs("twin", BIG)
+    layers = big + twin
+    plan = plan_of(layers)
+    leader = {x.id: "c0" for x in big}
+    matches = {f"twin:l{d}.kernel": f"big:l{d}.kernel" for d in range(4)}
+    clusters, coefficients, _ = build_clusters(plan, leader, matches)
+    assert clusters[0].layers == tuple(x.id for x in layers)  # placed with its matches
+    assert dict(coefficients) == {x.id: (x.id,) for x in layers}  # but owns its vectors
+    final = make_plan(layers, [], clusters, coefficients, Budget(params=2_000))
+    weights = compose(final, init_bank(final, jax.random.key(0)))
+    assert not np.allclose(weights["twin:l0.kernel"], weights["big:l0.kernel"])
+    # share_copies: the method's literal sharing, and then the copy's kernels are the same
+    _, shared, _ = build_clusters(plan, leader, matches, share_copies=True)
+    assert dict(shared)["twin:l2.kernel"] == ("big:l2.kernel",)
+    final = make_plan(layers, [], clusters, shared, Budget(params=2_000))
+    weights = compose(final, init_bank(final, jax.random.key(0)))
+    np.testing.assert_array_equal(weights["twin:l0.kernel"], weights["big:l0.kernel"])
 
 
 def test_a_single_member_owns_its_coefficients():
