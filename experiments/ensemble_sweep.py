@@ -221,10 +221,35 @@ def results_csv(results: Sequence[Result]) -> str:
     writer.writeheader()
     for r in results:
         row = dataclasses.asdict(r)
-        row["member_accuracy"] = ";".join(f"{m}={a:.4f}" for m, a in r.member_accuracy.items())
+        row["member_accuracy"] = ";".join(f"{m}={a}" for m, a in r.member_accuracy.items())
         row["seconds"] = f"{r.seconds:.1f}"
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def read_results(path: str | Path) -> list[Result]:
+    """The rows of a `results.csv` written by `results_csv`, back as `Result`s."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    results = []
+    for row in rows:
+        members = dict(part.split("=") for part in row["member_accuracy"].split(";") if part)
+        results.append(
+            Result(
+                row["ensemble"],
+                row["members"],
+                row["arm"],
+                int(row["seed"]),
+                int(row["trainable_params"]),
+                float(row["accuracy"]),
+                float(row["nll"]),
+                float(row["diversity"]),
+                {m: float(a) for m, a in members.items()},
+                row["unshare"],
+                float(row["seconds"]),
+            )
+        )
+    return results
 
 
 def _mean_spread(value: float, spread: float, runs: int, percent: bool) -> str:
@@ -319,6 +344,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ensembles", default=None, help="comma-separated labels of the preset's ensembles"
     )
+    parser.add_argument(
+        "--from-csv",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="train nothing: write the table and figure of these results.csv files together",
+    )
     return parser.parse_args(argv)
 
 
@@ -349,7 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or f"runs/ensemble-{args.preset}"
     start = time.perf_counter()
     try:
-        run_ensemble_sweep(sweep_from_args(args), output_dir, verbose=args.verbose)
+        if args.from_csv:
+            results = [r for path in args.from_csv for r in read_results(path)]
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            write_results(results, Path(output_dir))
+            print(markdown_table(results))
+        else:
+            run_ensemble_sweep(sweep_from_args(args), output_dir, verbose=args.verbose)
     except (BudgetError, ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"ensemble_sweep: error: {error}", file=sys.stderr)
         return 2

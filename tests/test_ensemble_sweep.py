@@ -66,6 +66,24 @@ def test_the_table_and_figure_are_written(sweep):
     assert lines[-1] == markdown_table(results)
 
 
+def test_results_read_back_from_the_csv_and_merge(sweep, tmp_path):
+    results, out, _ = sweep
+    again = ensemble_sweep.read_results(out / "results.csv")
+    assert [(r.arm, r.seed, r.trainable_params, r.unshare) for r in again] == [
+        (r.arm, r.seed, r.trainable_params, r.unshare) for r in results
+    ]
+    for a, b in zip(again, results, strict=True):
+        assert a.member_accuracy == b.member_accuracy
+        assert (a.accuracy, a.nll, a.diversity) == (b.accuracy, b.nll, b.diversity)
+    merged = tmp_path / "merged"
+    assert (
+        ensemble_sweep.main(["--from-csv", str(out / "results.csv"), "--output-dir", str(merged)])
+        == 0
+    )
+    assert (merged / "results.md").read_text() == markdown_table(results) + "\n"
+    assert (merged / "ensembles.png").exists()
+
+
 def result(arm, seed, accuracy, params=100):
     return Result("e", "a,b", arm, seed, params, accuracy, 0.5, 0.1, {"a": accuracy}, "", 1.0)
 
