@@ -29,8 +29,8 @@ class DenseModel:
         params = {m.name: jax.tree_util.tree_map(jnp.asarray, m.params) for m in self.members}
         return params, {m.name: m.state for m in self.members}
 
-    def apply(self, params, state, x, train=False):
-        return apply_members(self.members, params, state, x, train)
+    def apply(self, params, state, x, train=False, rng=None):
+        return apply_members(self.members, params, state, x, train, rng=rng)
 
     def weight_decay_mask(self, params):
         return jax.tree_util.tree_map(lambda _: True, params)

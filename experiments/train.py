@@ -1,7 +1,8 @@
 """Training and evaluation of budgeted (or dense) models, jit-compiled end to end.
 
 A model here is anything with `init(key) -> (params, state)`,
-`apply(params, state, x, train) -> ({member: logits}, state)` and
+`apply(params, state, x, train=, rng=) -> ({member: logits}, state)` (`rng`, a key
+fresh every step, feeds dropout) and
 `weight_decay_mask(params)`: a `superweights.BudgetedModel` or a `DenseModel`.
 """
 
@@ -89,8 +90,8 @@ def make_train_step(model, optimizer, augment: augmentation.Augmentation) -> Cal
     The loss is the sum over members of their cross-entropies (one member: its own).
     """
 
-    def loss_fn(params, model_state, images, labels):
-        logits, new_state = model.apply(params, model_state, images, train=True)
+    def loss_fn(params, model_state, images, labels, dropout_key):
+        logits, new_state = model.apply(params, model_state, images, train=True, rng=dropout_key)
         losses = {name: cross_entropy(out, labels) for name, out in logits.items()}
         return sum(losses.values()), (new_state, losses)
 
@@ -98,8 +99,9 @@ def make_train_step(model, optimizer, augment: augmentation.Augmentation) -> Cal
     def step(state: TrainState, images, labels):
         key, augment_key = jax.random.split(state.key)
         images = augmentation.augment(augment_key, images, augment)
+        dropout_key = jax.random.fold_in(augment_key, 1)
         (loss, (model_state, losses)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, images, labels
+            state.params, state.model_state, images, labels, dropout_key
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

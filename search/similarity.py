@@ -65,7 +65,7 @@ def layer_gradients(plan: Plan, member_grads: Mapping[str, Any]) -> dict[str, np
     result = {}
     for layer in plan.layers:
         if layer.member in flat:
-            grad = np.asarray(flat[layer.member][layer.path])
+            grad = np.asarray(layer.read(flat[layer.member]))
             if grad.shape != layer.shape:
                 raise ValueError(
                     f"gradient of {layer.id} has shape {grad.shape}, the plan says {layer.shape}"

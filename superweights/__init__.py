@@ -1,16 +1,9 @@
 """SuperWeight networks: budgeted Flax models whose kernels come from a shared bank."""
 
 from superweights.budget import Budget, BudgetError, allocate, minimum_budget
-from superweights.compose import compose, init_bank, superweights
-from superweights.model import (
-    BudgetedModel,
-    Member,
-    budgeted,
-    from_plan,
-    layer_specs,
-    linen_member,
-    nnx_member,
-)
+from superweights.compose import compose, compose_kernels, init_bank, superweights
+from superweights.members import Inputs, Member, linen_member, nnx_member
+from superweights.model import BudgetedModel, budgeted, from_plan, layer_specs
 from superweights.plan import (
     BankSpec,
     Cluster,
@@ -25,7 +18,8 @@ from superweights.plan import (
     size_chain,
 )
 from superweights.report import budget_report, budget_summary
-from superweights.specs import LayerSpec, ParamSpec, SharingRule, forward_order
+from superweights.specs import LayerSpec, ParamSpec, SharingRule
+from superweights.trace import Trace, forward_order, trace_params
 
 __all__ = [
     "BankSpec",
@@ -33,12 +27,14 @@ __all__ = [
     "BudgetError",
     "BudgetedModel",
     "Cluster",
+    "Inputs",
     "LayerSpec",
     "Level",
     "Member",
     "ParamSpec",
     "Plan",
     "SharingRule",
+    "Trace",
     "allocate",
     "budget_report",
     "budget_summary",
@@ -46,6 +42,7 @@ __all__ = [
     "chain_levels",
     "cluster_coefficients",
     "compose",
+    "compose_kernels",
     "forward_order",
     "from_plan",
     "init_bank",
@@ -59,4 +56,5 @@ __all__ = [
     "own_coefficients",
     "size_chain",
     "superweights",
+    "trace_params",
 ]

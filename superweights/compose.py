@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from superweights.plan import BankSpec, Level, Plan
 
@@ -90,35 +91,91 @@ def superweights(plan: Plan, bank: dict) -> dict[str, jax.Array]:
 
 
 def grow(weight: jax.Array | None, level: Level, piece: jax.Array, spatial) -> jax.Array:
-    """Applies one level to the running weight `[*spatial, in, out]`.
+    """Applies one level to the running weight `[*batch, *spatial, in, out]`.
 
     Crops to the kept block, appends `add_in` input columns for the kept output
-    rows, then `add_out` output rows across the full new input width.
+    rows, then `add_out` output rows across the full new input width. `piece`
+    is `[*batch, L]`: several layers grow at once along leading axes.
     """
     rows, cols = level.keep
+    batch = piece.shape[:-1]
     if weight is None:
-        weight = jnp.zeros((*spatial, 0, 0), piece.dtype)
+        weight = jnp.zeros((*batch, *spatial, 0, 0), piece.dtype)
     weight = weight[..., :cols, :rows]
     split = math.prod(spatial) * level.add_in[0] * level.add_in[1]
     if level.add_in[1]:
-        block = piece[:split].reshape(*spatial, level.add_in[1], level.add_in[0])
+        block = piece[..., :split].reshape(*batch, *spatial, level.add_in[1], level.add_in[0])
         weight = jnp.concatenate([weight, block], axis=-2)
     if level.add_out[0]:
-        block = piece[split:].reshape(*spatial, level.add_out[1], level.add_out[0])
+        block = piece[..., split:].reshape(*batch, *spatial, level.add_out[1], level.add_out[0])
         weight = jnp.concatenate([weight, block], axis=-1)
     return weight
+
+
+def compose_layer(plan: Plan, by_bank: dict, layer) -> jax.Array:
+    """One layer's kernel `[*spatial, in, out]` from the pieces `{bank key: [groups, L]}`."""
+    cluster = plan.cluster_of[layer.id]
+    weight = None
+    for w in range(cluster.level_of(layer) + 1):
+        piece = by_bank[plan.bank[cluster.name, w].key][plan.coefficient_row(layer.id, w)]
+        weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
+    return weight.astype(layer.dtype)
 
 
 def compose(plan: Plan, bank: dict) -> dict[str, jax.Array]:
     """`{layer id: kernel}` for every shared layer, with the model's shapes and dtypes."""
     by_bank = superweights(plan, bank)
-    weights = {}
+    return {layer.id: compose_layer(plan, by_bank, layer) for layer in plan.layers}
+
+
+def compose_batch(plan: Plan, by_bank: dict, layers) -> jax.Array:
+    """`[n, *spatial, in, out]`: layers of one cluster and one shape, built together.
+
+    Each level gathers the layers' coefficient rows of its bank's pieces and
+    grows all `n` weights at once.
+    """
+    cluster = plan.cluster_of[layers[0].id]
+    weight = None
+    for w in range(cluster.level_of(layers[0]) + 1):
+        rows = np.array([plan.coefficient_row(layer.id, w) for layer in layers])
+        piece = by_bank[plan.bank[cluster.name, w].key][rows]
+        weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
+    return weight.astype(layers[0].dtype)
+
+
+def _runs(plan: Plan, slices) -> list[list]:
+    """A stack's slices (by index) in runs of one cluster and one shape."""
+    runs: list[list] = []
+    for layer in slices:
+        same = runs and plan.cluster_of[runs[-1][-1].id] is plan.cluster_of[layer.id]
+        if same and runs[-1][-1].shape == layer.shape:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
+    """`{member: {param path: kernel}}` for every shared kernel, as the models hold them.
+
+    A stacked kernel `[n_layers, ...]` (layers with an `index`) is composed run
+    by run, each run of slices in one cluster at once, and concatenated: its
+    cost in operations does not grow with the number of layers, so a scanned
+    model keeps its short compile.
+    """
+    by_bank = superweights(plan, bank)
+    kernels: dict[str, dict[str, jax.Array]] = {}
+    stacks: dict[tuple[str, str], list] = {}
     for layer in plan.layers:
-        cluster = plan.cluster_of[layer.id]
-        weight = None
-        for w in range(cluster.level_of(layer) + 1):
-            row = plan.coefficient_row(layer.id, w)
-            piece = by_bank[plan.bank[cluster.name, w].key][row]
-            weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
-        weights[layer.id] = weight.astype(layer.dtype)
-    return weights
+        if layer.index is None:
+            kernels.setdefault(layer.member, {})[layer.path] = compose_layer(plan, by_bank, layer)
+        else:
+            stacks.setdefault((layer.member, layer.path), []).append(layer)
+    for (member, path), slices in stacks.items():
+        slices = sorted(slices, key=lambda layer: layer.index)
+        if [layer.index for layer in slices] != list(range(len(slices))):
+            indices = [layer.index for layer in slices]
+            raise ValueError(f"the plan holds slices {indices} of {member}:{path}, not all")
+        parts = [compose_batch(plan, by_bank, run) for run in _runs(plan, slices)]
+        kernels.setdefault(member, {})[path] = jnp.concatenate(parts)
+    return kernels

@@ -3,17 +3,20 @@
     model = archs.create("wrn-16-4", num_classes=10, rngs=nnx.Rngs(0))
     budgeted = superweights.budgeted(model, Budget(fraction=0.1), sample_input=x[:1])
     params, state = budgeted.init(jax.random.key(0))
-    logits, state = budgeted.apply(params, state, x, train=True)
+    logits, state = budgeted.apply(params, state, x, train=True, rng=key)
 
-The model's own code is untouched: its params pytree is computed from the bank
-by `compose` and handed to the model's ordinary apply.
+Models with several inputs take them as the model does,
+`budgeted.apply(params, state, ids, attention_mask=mask)`; `rng` feeds the
+models' dropout in training. The model's own code is untouched: its params
+pytree is computed from the bank by `compose` and handed to the model's
+ordinary apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,7 +25,15 @@ import numpy as np
 
 from superweights import tree
 from superweights.budget import SUBLAYER_TEMPLATES, Budget
-from superweights.compose import compose, init_bank
+from superweights.compose import compose_kernels, init_bank
+from superweights.members import (
+    Inputs,
+    Member,
+    TrainKwarg,
+    abstract,
+    check_outputs,
+    make_members,
+)
 from superweights.plan import (
     Plan,
     cluster_coefficients,
@@ -30,82 +41,23 @@ from superweights.plan import (
     make_plan,
     own_coefficients,
 )
-from superweights.specs import SharingRule, forward_order, split_params
-
-ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, Any]]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Member:
-    """A network as the library sees it: initial values and a pure apply.
-
-    Attributes:
-      name: unique name, e.g. `"wrn-16-4"`.
-      params: nested dict of the trainable params (initial values).
-      state: nested dict of everything else (e.g. batch statistics).
-      apply_fn: `(params, state, x, train) -> (logits, new_state)`.
-      signature: hashable; members with equal, non-None signatures compute the
-        same function of their params and run together under `jax.vmap`.
-    """
-
-    name: str
-    params: Any
-    state: Any
-    apply_fn: ApplyFn
-    signature: Any = None
-
-
-def nnx_member(name: str, module) -> Member:
-    """Wraps a Flax NNX module whose call is `module(x, train=...)`."""
-    from flax import nnx
-
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    params_def = jax.tree_util.tree_structure(params)
-    rest_def = jax.tree_util.tree_structure(rest)
-
-    def apply_fn(p, s, x, train):
-        as_state = jax.tree_util.tree_unflatten
-        model = nnx.merge(
-            graphdef,
-            as_state(params_def, jax.tree_util.tree_leaves(p)),
-            as_state(rest_def, jax.tree_util.tree_leaves(s)),
-        )
-        logits = model(x, train=train)
-        return logits, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
-
-    pure_params, pure_rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    signature = ("nnx", graphdef, _shapes(pure_params), _shapes(pure_rest))
-    return Member(name, pure_params, pure_rest, apply_fn, signature)
-
-
-def _shapes(tree_) -> tuple:
-    return tuple((p, tuple(x.shape), str(x.dtype)) for p, x in tree.flatten(tree_).items())
-
-
-def linen_member(name: str, module, sample_input: jax.Array, key: jax.Array) -> Member:
-    """Wraps a Flax Linen module whose call is `module.apply(vars, x, train=...)`."""
-    variables = module.init(key, sample_input, train=False)
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-
-    def apply_fn(p, s, x, train):
-        if train and s:
-            logits, new_state = module.apply({"params": p, **s}, x, train=True, mutable=list(s))
-            return logits, dict(new_state)
-        return module.apply({"params": p, **s}, x, train=train), s
-
-    return Member(name, params, state, apply_fn, ("linen", module, _shapes(variables)))
+from superweights.specs import SharingRule, split_params
+from superweights.trace import trace_params
 
 
 def apply_members(
     members,
     member_params: Mapping[str, Any],
     state: Mapping[str, Any],
-    x,
+    inputs,
     train: bool,
     vectorize: bool | None = None,
+    rng: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], dict]:
     """Runs every member on its own params: `({member: logits}, {member: new state})`.
+
+    `rng` (training with dropout) is folded in with each member's position, so
+    members draw independent streams.
 
     With `vectorize`, members with the same signature (same architecture) run as
     one `jax.vmap` over their stacked params and state instead of one after
@@ -119,38 +71,29 @@ def apply_members(
     for member in members:
         key = member.name if member.signature is None or not vectorize else member.signature
         groups.setdefault(key, []).append(member)
+    keys = {
+        m.name: None if rng is None else jax.random.fold_in(rng, i) for i, m in enumerate(members)
+    }
     logits, new_state = {}, {}
     for group in groups.values():
         if len(group) == 1:
             (member,) = group
-            logits[member.name], new_state[member.name] = member.apply_fn(
-                member_params[member.name], state[member.name], x, train
+            logits[member.name], new_state[member.name] = member(
+                member_params[member.name], state[member.name], inputs, train, keys[member.name]
             )
             continue
         stack = functools.partial(jax.tree_util.tree_map, lambda *xs: jnp.stack(xs))
         stacked_out, stacked_state = jax.vmap(
-            lambda p, s, fn=group[0].apply_fn: fn(p, s, x, train)
-        )(stack(*(member_params[m.name] for m in group)), stack(*(state[m.name] for m in group)))
+            lambda p, s, k, first=group[0]: first(p, s, inputs, train, k)
+        )(
+            stack(*(member_params[m.name] for m in group)),
+            stack(*(state[m.name] for m in group)),
+            None if rng is None else stack(*(keys[m.name] for m in group)),
+        )
         for index, member in enumerate(group):
             logits[member.name] = stacked_out[index]
             new_state[member.name] = jax.tree_util.tree_map(lambda a, i=index: a[i], stacked_state)
     return {m.name: logits[m.name] for m in members}, {m.name: new_state[m.name] for m in members}
-
-
-def as_member(name: str, model, sample_input, key) -> Member:
-    """A Member from an NNX module, a Linen module or a Member."""
-    if isinstance(model, Member):
-        return model
-    from flax import linen, nnx
-
-    if isinstance(model, nnx.Module):
-        return nnx_member(name, model)
-    if isinstance(model, linen.Module):
-        return linen_member(name, model, sample_input, key)
-    raise TypeError(
-        f"member {name!r} is a {type(model).__name__}; expected a flax.nnx.Module, "
-        "a flax.linen.Module or a superweights.Member"
-    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -175,6 +118,9 @@ class BudgetedModel:
             ]
             for spec in planned:
                 shape = tuple(flat[spec.path].shape) if spec.path in flat else None
+                index = getattr(spec, "index", None)  # ParamSpecs have none
+                if shape is not None and index is not None:
+                    shape = shape[1:] if index < shape[0] else None
                 if shape != spec.shape:
                     raise ValueError(
                         f"param {member.name}:{spec.path} has shape {shape} in the model but "
@@ -200,21 +146,37 @@ class BudgetedModel:
 
     def member_params(self, params: dict) -> dict[str, Any]:
         """`{member: params pytree}` exactly as each unmodified model expects."""
-        composed = compose(self.plan, params["bank"])
-        result = {}
-        for member in self.members:
-            flat = dict(params["unshared"][member.name])
-            for layer in self.plan.layers:
-                if layer.member == member.name:
-                    flat[layer.path] = composed[layer.id]
-            result[member.name] = tree.unflatten_like(member.params, flat)
-        return result
+        kernels = compose_kernels(self.plan, params["bank"])
+        return {
+            m.name: tree.unflatten_like(
+                m.params, {**params["unshared"][m.name], **kernels.get(m.name, {})}
+            )
+            for m in self.members
+        }
 
     def apply(
-        self, params: dict, state: dict, x: jax.Array, train: bool = False
+        self,
+        params: dict,
+        state: dict,
+        *inputs,
+        train: bool = False,
+        rng: jax.Array | None = None,
+        **keyword_inputs,
     ) -> tuple[dict[str, jax.Array], dict]:
-        """`({member: logits [batch, classes]}, new state)` for input `x`."""
-        return apply_members(self.members, self.member_params(params), state, x, train)
+        """`({member: logits [batch, classes]}, new state)` for the models' inputs.
+
+        `inputs` and `keyword_inputs` are what each model takes (one batch `x`,
+        or e.g. `ids, attention_mask=mask`), or one `Inputs`. `rng`, a key
+        fresh every step, feeds dropout in training.
+        """
+        return apply_members(
+            self.members,
+            self.member_params(params),
+            state,
+            pack_inputs(inputs, keyword_inputs),
+            train,
+            rng=rng,
+        )
 
     def export(self, params: dict) -> dict[str, Any]:
         """Plain dense params per member (numpy), for the unmodified models."""
@@ -234,48 +196,50 @@ class BudgetedModel:
         return budget_report(self.plan)
 
 
-def _members(models, sample_input, key) -> list[Member]:
-    if not isinstance(models, Mapping):
-        models = {"model": models}
-    if not models:
-        raise ValueError("give at least one model")
-    keys = jax.random.split(key, len(models))
-    return [
-        as_member(name, model, sample_input, k)
-        for (name, model), k in zip(models.items(), keys, strict=True)
-    ]
-
-
-def check_outputs(members, sample_input) -> None:
-    """Raises unless every member maps `sample_input` to logits with one class count."""
-    x = jax.ShapeDtypeStruct(np.shape(sample_input), jnp.result_type(sample_input))
-    classes = {}
-    for member in members:
-        out = jax.eval_shape(
-            lambda p, s, x, m=member: m.apply_fn(p, s, x, False)[0], member.params, member.state, x
-        )
-        classes[member.name] = out.shape[-1]
-    if len(set(classes.values())) > 1:
-        raise ValueError(
-            f"members predict different numbers of classes {classes}; one bank's members "
-            "must share the task"
-        )
+def pack_inputs(inputs: tuple, keyword_inputs: dict):
+    """One input as it is, several (or keywords) as one `Inputs`."""
+    if len(inputs) == 1 and not keyword_inputs:
+        return inputs[0]
+    if not inputs and not keyword_inputs:
+        raise TypeError("apply needs the models' inputs")
+    return Inputs(*inputs, **keyword_inputs)
 
 
 def layer_specs(members, sample_input, rule: SharingRule):
     """Shared layers and per-member params of all members, in forward order."""
     layers, unshared = [], []
     for member in members:
-        x = jax.ShapeDtypeStruct(np.shape(sample_input), jnp.result_type(sample_input))
-        order = forward_order(
-            lambda p, inputs, m=member: m.apply_fn(p, inputs[1], inputs[0], False)[0],
+        trace = trace_params(
+            lambda p, inputs, m=member: m(p, inputs[1], inputs[0], False)[0],
             member.params,
-            (x, member.state),
+            (abstract(sample_input), member.state),
         )
-        shared, own = split_params(member.name, member.params, order, rule)
+        shared, own = split_params(member.name, member.params, trace, rule)
         layers += shared
         unshared += own
+    if not layers:
+        raise ValueError(no_shareable_kernel(unshared, rule))
     return layers, unshared
+
+
+def no_shareable_kernel(unshared, rule: SharingRule) -> str:
+    """Why nothing can be shared, and what to do about it."""
+    kept = [p for p in unshared if p.reason]
+    if not kept:
+        return (
+            "the models have no kernel to share (no param named "
+            f"{' or '.join(rule.kernel_names)} with two or more dimensions); name the kernels "
+            "with SharingRule(kernel_names=...) or write a superweights.Member"
+        )
+    listed = "; ".join(f"{p.member}:{p.path} {list(p.shape)}: {p.reason}" for p in kept[:4])
+    if len(kept) > 4:
+        listed += f" ({len(kept)} kernels in all)"
+    hint = (
+        " Dense layers are shared with SharingRule(share_dense=True)."
+        if any("dense" in p.reason for p in kept)
+        else ""
+    )
+    return f"no kernel of the models is shared: {listed}.{hint}"
 
 
 def budgeted(
@@ -291,20 +255,26 @@ def budgeted(
     passes: int = 7,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
     reserve_unsharing: bool = False,
+    train_kwarg: TrainKwarg | str = "auto",
     key: jax.Array | None = None,
 ) -> BudgetedModel:
     """A budgeted model with the initial (depth-binned) clusters.
 
     Args:
-      models: one model or `{name: model}`; each an NNX module, a Linen module
-        (called with `train=`) or a `Member`.
-      budget: the parameter budget.
-      sample_input: one input batch (or its `jax.ShapeDtypeStruct`), used to
-        trace the forward order and to initialise Linen modules.
+      models: one model or `{name: model}`; each an NNX module, a Linen module,
+        an object with a Linen `.module` and its `.params` (kept as the initial
+        values), or a `Member` (`superweights.members`).
+      budget: the parameter budget, a `Budget`.
+      sample_input: one input batch (any pytree of arrays or
+        `jax.ShapeDtypeStruct`s; several inputs as one `Inputs(ids,
+        attention_mask=mask)`), used to trace the forward order and to
+        initialise Linen modules.
       bins: depth bins of the initial clusters: each kernel kind (1x1, 3x3,
         ...) of the largest member gets `max(1, round(bins * n_kind / depth))`
         contiguous bins, as in the authors' code (`initial_clusters`).
-      rule: which kernels are shared (convolutions, not the `head`, by default).
+      rule: which kernels are shared: by default convolutions and stacked
+        convolutions, not the output layer (the classifier, found in the trace)
+        nor a path component named `head`.
       shared_coefficients: one coefficient vector per (cluster, level) for all
         its layers (the search model); otherwise each layer owns its own.
       fill: spend what the paper's allocation rule leaves over.
@@ -312,10 +282,20 @@ def budgeted(
         template per bank, built from template-sized blocks; 0 refuses them.
       reserve_unsharing: keep room in the budget for every layer to own its
         coefficients, so that a later `search.unshare_plan` always fits.
+      train_kwarg: how the models are told train or eval mode: `"auto"` reads
+        each `__call__` for `train`, `training`, `is_training`, `deterministic`
+        or `use_running_average`; a keyword name, `(name, value in training)`,
+        or None (no keyword: Linen batch statistics follow `mutable`, NNX
+        submodules get `deterministic`/`use_running_average` set).
       key: for initialising Linen modules.
     """
+    if not isinstance(budget, Budget):
+        raise TypeError(
+            f"budget is a {type(budget).__name__}; write it as a Budget, e.g. "
+            "Budget(fraction=0.1), Budget(params=50_000) or Budget.parse('10%')"
+        )
     key = jax.random.key(0) if key is None else key
-    members = _members(models, sample_input, key)
+    members = make_members(models, sample_input, key, train_kwarg)
     check_outputs(members, sample_input)
     layers, unshared = layer_specs(members, sample_input, rule or SharingRule())
     clusters = initial_clusters(layers, bins)
@@ -337,7 +317,9 @@ def budgeted(
     return BudgetedModel(plan, tuple(members))
 
 
-def from_plan(plan: Plan, models, *, sample_input=None, key=None) -> BudgetedModel:
+def from_plan(
+    plan: Plan, models, *, sample_input=None, train_kwarg="auto", key=None
+) -> BudgetedModel:
     """Re-attaches a saved Plan to the models it was made for (shapes are checked)."""
     key = jax.random.key(0) if key is None else key
-    return BudgetedModel(plan, tuple(_members(models, sample_input, key)))
+    return BudgetedModel(plan, tuple(make_members(models, sample_input, key, train_kwarg)))

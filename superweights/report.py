@@ -31,7 +31,24 @@ def budget_summary(plan: Plan) -> dict:
         "clusters": len(plan.clusters),
         "banks": len(plan.banks),
         "cropped_entries": sum(lv.cropped for c in plan.clusters for lv in c.levels),
+        "kept_out_of_sharing": {
+            f"{p.member}:{p.path}": p.reason for p in plan.unshared if p.reason
+        },
     }
+
+
+def kept_out(plan: Plan, listed: int = 6) -> str:
+    """Lines naming the kernels kept per member, grouped by why."""
+    reasons: dict[str, list[str]] = {}
+    for param in plan.unshared:
+        if param.reason:
+            shape = "x".join(map(str, param.shape))
+            reasons.setdefault(param.reason, []).append(f"{param.member}:{param.path} [{shape}]")
+    lines = []
+    for reason, names in reasons.items():
+        more = f" and {len(names) - listed} more" if len(names) > listed else ""
+        lines.append(f"  {reason}: {', '.join(names[:listed])}{more}")
+    return "Kernels kept out of sharing\n" + "\n".join(lines) if lines else ""
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -109,8 +126,10 @@ def budget_report(plan: Plan) -> str:
         else ""
     )
     totals = "\n".join(f"  {name:<26}{n:>14,}" for name, n in parts)
+    kept = kept_out(plan)
     return (
         _table(header, rows)
+        + (f"\n\n{kept}" if kept else "")
         + "\n\nParameters\n"
         + totals
         + f"\n\nBudget {summary['budget']}: {summary['budget_params']:,}; "

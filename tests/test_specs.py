@@ -7,6 +7,7 @@ from superweights import (
     LayerSpec,
     ParamSpec,
     SharingRule,
+    Trace,
     forward_order,
     linen_member,
     nnx_member,
@@ -172,15 +173,16 @@ def test_split_params_assigns_depth_in_the_given_order():
         "early": {"kernel": jnp.ones((3, 3, 3, 4)), "bias": jnp.ones(4)},
     }
     order = ["early.kernel", "early.bias", "late.kernel", "head.kernel", "head.bias"]
-    layers, unshared = split_params("net", params, order, SharingRule())
+    layers, unshared = split_params("net", params, Trace.from_order(order), SharingRule())
     assert layers == [
         LayerSpec("net", "early.kernel", (3, 3, 3, 4), "float32", 0),
         LayerSpec("net", "late.kernel", (1, 1, 4, 6), "bfloat16", 1),
     ]
     assert unshared == [
         ParamSpec("net", "early.bias", (4,), "float32"),
-        ParamSpec("net", "head.kernel", (6, 2), "float32"),
+        ParamSpec("net", "head.kernel", (6, 2), "float32", "excluded by the pattern 'head'"),
         ParamSpec("net", "head.bias", (2,), "float32"),
     ]
-    layers, unshared = split_params("net", params, order, SharingRule(share_dense=True))
+    trace = Trace.from_order(order)
+    layers, unshared = split_params("net", params, trace, SharingRule(share_dense=True))
     assert [x.path for x in layers] == ["early.kernel", "late.kernel"]  # head still excluded

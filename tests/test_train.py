@@ -41,7 +41,8 @@ class LinearModel:
             }
         return params, {name: {"calls": jnp.array(0)} for name in self.members}
 
-    def apply(self, params, state, x, train=False):
+    def apply(self, params, state, x, train=False, rng=None):
+        del rng  # no dropout
         flat = x.reshape(len(x), -1)
         logits = {n: flat @ params[n]["w"] + params[n]["b"] for n in self.members}
         new_state = {n: {"calls": state[n]["calls"] + train} for n in self.members}

@@ -1,0 +1,333 @@
+"""Models written as public Flax model zoos write them, each budgeted in one call.
+
+Each is trained a few steps (its loss falls) and exported exactly: the
+unmodified model on the exported params gives the budgeted model's logits.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from superweights import Budget, Inputs, SharingRule, budgeted
+from superweights.members import train_mode
+
+CLASSES = 3
+
+
+def fit(model, inputs: Inputs, labels, steps: int = 12, rate: float = 3e-3):
+    """Trains `model` with Adam on one batch; the losses, first to last, and the result."""
+    params, state = model.init(jax.random.key(0))
+    optimizer = optax.adam(rate)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, state, key):
+        logits, new_state = model.apply(params, state, inputs, train=True, rng=key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits["model"], labels).mean()
+        return loss, new_state
+
+    @jax.jit
+    def step(params, state, opt_state, key):
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, loss
+
+    losses = []
+    for key in jax.random.split(jax.random.key(1), steps):
+        params, state, opt_state, loss = step(params, state, opt_state, key)
+        losses.append(float(loss))
+    return losses, params, state
+
+
+def assert_learns(losses):
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+
+
+# --- A Linen ResNet with no train flag: batch statistics follow `mutable`.
+
+
+class BottleneckFreeBlock(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        norm = nn.BatchNorm(use_running_average=not self.is_mutable_collection("batch_stats"))
+        y = nn.relu(norm(nn.Conv(self.features, (3, 3), use_bias=False)(x)))
+        return x + nn.Conv(self.features, (3, 3), use_bias=False)(y)
+
+
+class MutableResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(x)
+        for _ in range(2):
+            x = BottleneckFreeBlock(8)(x)
+        return nn.Dense(CLASSES, name="fc")(x.mean((1, 2)))
+
+
+def images_and_labels(n=16, shape=(8, 8, 3)):
+    x = jax.random.normal(jax.random.key(3), (n, *shape))
+    return x, jnp.arange(n) % CLASSES
+
+
+def test_linen_resnet_without_a_train_flag_trains_and_exports_exactly():
+    x, labels = images_and_labels()
+    module = MutableResNet()
+    assert train_mode(module.__call__) is None
+    model = budgeted(module, Budget(fraction=0.5), sample_input=x[:1], bins=1)
+    assert [layer.path for layer in model.plan.layers][0] == "Conv_0.kernel"
+    losses, params, state = fit(model, Inputs(x), labels)
+    assert_learns(losses)
+    init_stats = model.init(jax.random.key(0))[1]["model"]["batch_stats"]
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(jnp.abs(a - b).max()), state["model"]["batch_stats"], init_stats
+    )
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # statistics were updated in training
+    exported = model.export(params)["model"]
+    plain = module.apply({"params": exported, **state["model"]}, x)
+    logits, _ = model.apply(params, state, x)
+    np.testing.assert_allclose(plain, logits["model"], rtol=1e-5, atol=1e-5)
+
+
+# --- A transformer classifier taking ids and a mask, with dropout and `deterministic=`.
+
+
+class EncoderBlock(nn.Module):
+    dim: int
+    rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        attention_mask = nn.make_attention_mask(mask, mask)
+        y = nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=self.rate)(
+            nn.LayerNorm()(x), mask=attention_mask, deterministic=deterministic
+        )
+        x = x + nn.Dropout(self.rate)(y, deterministic=deterministic)
+        y = nn.Dense(self.dim)(nn.gelu(nn.Dense(2 * self.dim)(nn.LayerNorm()(x))))
+        return x + nn.Dropout(self.rate)(y, deterministic=deterministic)
+
+
+class TextClassifier(nn.Module):
+    vocab: int = 20
+    dim: int = 16
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        x = nn.Embed(self.vocab, self.dim)(input_ids)
+        for _ in range(2):
+            x = EncoderBlock(self.dim)(x, attention_mask, deterministic)
+        weights = attention_mask[..., None] / attention_mask.sum(-1, keepdims=True)[..., None]
+        return nn.Dense(CLASSES, name="classifier")((x * weights).sum(1))
+
+
+def tokens(n=16, length=6, vocab=20):
+    ids = jax.random.randint(jax.random.key(4), (n, length), 0, vocab)
+    mask = (jnp.arange(length)[None] < (2 + jnp.arange(n)[:, None] % (length - 1))).astype(int)
+    return ids, mask, (ids[:, 0] % CLASSES)
+
+
+def test_transformer_with_dropout_and_a_mask_trains_and_exports_exactly():
+    ids, mask, labels = tokens()
+    module = TextClassifier()
+    assert train_mode(module.__call__) == ("deterministic", False)
+    model = budgeted(
+        module,
+        Budget(fraction=0.5),
+        sample_input=Inputs(ids[:1], attention_mask=mask[:1]),
+        rule=SharingRule(share_dense=True),
+        bins=2,
+    )
+    assert model.members[0].needs_rng
+    kept = {p.path: p.reason for p in model.plan.unshared if p.reason}
+    assert "output layer" in kept["classifier.kernel"]
+    assert "model:classifier.kernel" in model.report()
+    params, state = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="pass rng="):
+        model.apply(params, state, ids, attention_mask=mask, train=True)
+    first, _ = model.apply(
+        params, state, ids, attention_mask=mask, train=True, rng=jax.random.key(5)
+    )
+    again, _ = model.apply(
+        params, state, ids, attention_mask=mask, train=True, rng=jax.random.key(6)
+    )
+    assert not np.allclose(first["model"], again["model"])  # dropout draws from the key
+    losses, params, state = fit(model, Inputs(ids, attention_mask=mask), labels, steps=20)
+    assert_learns(losses)
+    exported = model.export(params)["model"]
+    plain = module.apply({"params": exported}, ids, mask, deterministic=True)
+    logits, _ = model.apply(params, state, ids, attention_mask=mask)
+    np.testing.assert_allclose(plain, logits["model"], rtol=1e-5, atol=1e-5)
+
+
+@dataclasses.dataclass
+class OutputWithLogits:
+    logits: jax.Array
+
+
+class ClassifierWithOutputObject(nn.Module):
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        return OutputWithLogits(TextClassifier()(input_ids, attention_mask, deterministic))
+
+
+@dataclasses.dataclass
+class PretrainedStyleModel:
+    """What transformer libraries hand out: a Linen `.module` and its `.params`."""
+
+    module: nn.Module
+    params: dict
+
+
+def test_an_object_with_module_and_params_keeps_its_weights_as_initial_values():
+    ids, mask, labels = tokens()
+    module = ClassifierWithOutputObject()
+    pretrained = module.init(jax.random.key(9), ids[:1], mask[:1])["params"]
+    model = budgeted(
+        PretrainedStyleModel(module, pretrained),
+        Budget(fraction=0.6),
+        sample_input=Inputs(ids[:1], attention_mask=mask[:1]),
+        rule=SharingRule(share_dense=True),
+    )
+    params, state = model.init(jax.random.key(0))
+    unshared = params["unshared"]["model"]
+    embedding = "TextClassifier_0.Embed_0.embedding"
+    np.testing.assert_array_equal(
+        unshared[embedding], pretrained["TextClassifier_0"]["Embed_0"]["embedding"]
+    )
+    losses, params, state = fit(model, Inputs(ids, attention_mask=mask), labels, steps=20)
+    assert_learns(losses)
+    exported = model.export(params)["model"]
+    plain = module.apply({"params": exported}, ids, mask).logits
+    np.testing.assert_allclose(
+        plain,
+        model.apply(params, state, ids, attention_mask=mask)[0]["model"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+# --- Stacked layers: `nn.scan` and `nnx.scan`.
+
+
+class ScannedBlock(nn.Module):
+    dim: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(self.dim)(nn.relu(nn.Dense(2 * self.dim)(x))), None
+
+
+class LinenScanned(nn.Module):
+    layers: int = 4
+    dim: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.dim)(x)
+        stack = nn.scan(
+            ScannedBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.layers,
+        )
+        x, _ = stack(self.dim, name="blocks")(x, None)
+        return nn.Dense(CLASSES, name="logits")(x)
+
+
+def vectors_and_labels(n=16, dim=8):
+    x = jax.random.normal(jax.random.key(7), (n, dim))
+    return x, (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+
+
+def test_an_nn_scan_stack_is_one_layer_per_slice_and_composes_the_stack():
+    x, labels = vectors_and_labels()
+    module = LinenScanned()
+    model = budgeted(
+        module, Budget(fraction=0.4), sample_input=x[:1], rule=SharingRule(share_dense=True), bins=2
+    )
+    stacked = [layer for layer in model.plan.layers if layer.index is not None]
+    assert len(stacked) == 2 * module.layers
+    first = [(layer.path, layer.index) for layer in stacked[:4]]
+    assert first == [  # interleaved as the scan runs them (Dense_1 is called first)
+        ("blocks.Dense_1.kernel", 0),
+        ("blocks.Dense_0.kernel", 0),
+        ("blocks.Dense_1.kernel", 1),
+        ("blocks.Dense_0.kernel", 1),
+    ]
+    assert {layer.shape for layer in stacked} == {(16, 32), (32, 16)}
+    assert "logits.kernel" in [p.path for p in model.plan.unshared]
+    losses, params, state = fit(model, Inputs(x), labels)
+    assert_learns(losses)
+    exported = model.export(params)["model"]
+    assert exported["blocks"]["Dense_1"]["kernel"].shape == (module.layers, 16, 32)
+    plain = module.apply({"params": exported}, x)
+    np.testing.assert_allclose(
+        plain, model.apply(params, state, x)[0]["model"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_stack_of_dense_kernels_is_not_shared_without_share_dense():
+    x, _ = vectors_and_labels()
+    with pytest.raises(ValueError, match=r"share_dense=True"):
+        budgeted(LinenScanned(), Budget(fraction=0.5), sample_input=x[:1])
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(dim, dim, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(dim, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.drop(nnx.relu(self.norm(self.conv(x))))
+
+
+class NnxScanned(nnx.Module):
+    """No train flag: `deterministic` and `use_running_average` are set per mode."""
+
+    def __init__(self, layers: int, dim: int, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(3, dim, (3, 3), rngs=rngs)
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxBlock(dim, rngs)
+
+        self.blocks = make(rngs)
+        self.classifier = nnx.Linear(dim, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return block(x)
+
+        return self.classifier(run(self.stem(x), self.blocks).mean((1, 2)))
+
+
+def test_an_nnx_scan_stack_with_dropout_and_no_train_flag_trains_and_exports_exactly():
+    x, labels = images_and_labels()
+    module = NnxScanned(3, 8, nnx.Rngs(0, dropout=1))
+    model = budgeted(module, Budget(fraction=0.5), sample_input=x[:1], bins=2)
+    stacked = [layer for layer in model.plan.layers if layer.index is not None]
+    assert [layer.index for layer in stacked] == [0, 1, 2]
+    assert model.members[0].needs_rng
+    params, state = model.init(jax.random.key(0))
+    eval_a, _ = model.apply(params, state, x)
+    eval_b, _ = model.apply(params, state, x)
+    np.testing.assert_array_equal(eval_a["model"], eval_b["model"])  # deterministic in eval
+    losses, params, state = fit(model, Inputs(x), labels)
+    assert_learns(losses)
+    exported = model.export(params)["model"]
+    graphdef, weights, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+    nnx.replace_by_pure_dict(weights, exported)
+    nnx.replace_by_pure_dict(rest, state["model"])
+    plain_module = nnx.merge(graphdef, weights, rngs, rest)
+    plain_module.eval()
+    logits, _ = model.apply(params, state, x)
+    np.testing.assert_allclose(plain_module(x), logits["model"], rtol=1e-5, atol=1e-5)
