@@ -138,7 +138,12 @@ def compose_batch(plan: Plan, by_bank: dict, layers) -> jax.Array:
     weight = None
     for w in range(cluster.level_of(layers[0]) + 1):
         rows = np.array([plan.coefficient_row(layer.id, w) for layer in layers])
-        piece = by_bank[plan.bank[cluster.name, w].key][rows]
+        stacked = by_bank[plan.bank[cluster.name, w].key]
+        step = int(rows[1] - rows[0]) if len(rows) > 1 else 1
+        if step > 0 and np.array_equal(rows, rows[0] + step * np.arange(len(rows))):
+            piece = stacked[rows[0] : rows[-1] + 1 : step]  # a slice: no gather, no scatter back
+        else:
+            piece = stacked[rows]
         weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
     return weight.astype(layers[0].dtype)
 
