@@ -331,3 +331,99 @@ def test_an_nnx_scan_stack_with_dropout_and_no_train_flag_trains_and_exports_exa
     plain_module.eval()
     logits, _ = model.apply(params, state, x)
     np.testing.assert_allclose(plain_module(x), logits["model"], rtol=1e-5, atol=1e-5)
+
+
+# --- Overrides, hand-written members and the messages when a model cannot be budgeted.
+
+
+class EvalModeNet(nn.Module):
+    """Told its mode by a keyword no convention uses: `eval_mode`."""
+
+    @nn.compact
+    def __call__(self, x, eval_mode: bool = True):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.Dropout(0.5, deterministic=eval_mode)(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(CLASSES)(x.mean((1, 2)))
+
+
+def test_train_kwarg_names_a_keyword_the_signature_does_not_reveal():
+    x, _ = images_and_labels(n=4)
+    module = EvalModeNet()
+    assert train_mode(module.__call__) is None
+    assert train_mode(module.__call__, ("eval_mode", False)) == ("eval_mode", False)
+    detected = budgeted(module, Budget(fraction=0.8), sample_input=x[:1])
+    assert not detected.members[0].needs_rng  # never told to train: dropout stays off
+    model = budgeted(
+        module, Budget(fraction=0.8), sample_input=x[:1], train_kwarg=("eval_mode", False)
+    )
+    assert model.members[0].needs_rng
+    params, state = model.init(jax.random.key(0))
+    a, _ = model.apply(params, state, x, train=True, rng=jax.random.key(1))
+    b, _ = model.apply(params, state, x, train=True, rng=jax.random.key(2))
+    assert not np.allclose(a["model"], b["model"])
+    eval_a, _ = model.apply(params, state, x)
+    eval_b, _ = model.apply(params, state, x)
+    np.testing.assert_array_equal(eval_a["model"], eval_b["model"])
+
+
+def test_keep_output_false_shares_the_classifier_with_share_dense():
+    ids, mask, _ = tokens()
+    sample = Inputs(ids[:1], attention_mask=mask[:1])
+    shared = SharingRule(share_dense=True, keep_output=False)
+    model = budgeted(TextClassifier(), Budget(fraction=0.5), sample_input=sample, rule=shared)
+    assert "classifier.kernel" in [layer.path for layer in model.plan.layers]
+    assert "classifier.kernel" not in [p.path for p in model.plan.unshared]
+
+
+def test_a_hand_written_member_gets_the_rng_key_it_names():
+    """A Member for a function no module wraps: `rng` reaches it only in training."""
+    from superweights import Member
+
+    seen = []
+
+    def apply_fn(params, state, x, train, rng=None):
+        seen.append(rng is None)
+        h = jax.lax.conv_general_dilated(
+            x, params["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        if train:
+            h = h * jax.random.bernoulli(rng, 0.5, h.shape) * 2.0
+        return h.mean((1, 2)) @ params["out"], state
+
+    init = jax.random.normal(jax.random.key(0), (3, 3, 3, 8)) * 0.1
+    member = Member(
+        "hand",
+        {"conv": init, "out": jnp.ones((8, CLASSES))},
+        {},
+        apply_fn,
+        needs_rng=True,
+    )
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+    model = budgeted(
+        {"hand": member},
+        Budget(fraction=0.9),
+        sample_input=x,
+        rule=SharingRule(kernel_names=("conv",)),
+    )
+    assert [layer.path for layer in model.plan.layers] == ["conv"]
+    params, state = model.init(jax.random.key(2))
+    a, _ = model.apply(params, state, x, train=True, rng=jax.random.key(3))
+    b, _ = model.apply(params, state, x, train=True, rng=jax.random.key(4))
+    assert a["hand"].shape == (4, CLASSES)
+    assert not np.allclose(a["hand"], b["hand"])
+    with pytest.raises(ValueError, match="pass rng="):
+        model.apply(params, state, x, train=True)
+    assert not seen[-1]
+
+
+def test_an_unsupported_model_type_is_refused_with_what_to_do():
+    x, _ = images_and_labels(n=2)
+    with pytest.raises(TypeError, match=r"member 'model' is a dict.*Bring your own model"):
+        budgeted({"model": {"conv": x}}, Budget(fraction=0.5), sample_input=x)
+
+
+def test_a_sample_input_the_model_cannot_take_names_the_member():
+    x, _ = images_and_labels(n=2, shape=(8, 8, 5))
+    module = NnxScanned(2, 8, nnx.Rngs(0))  # its stem takes 3 channels
+    with pytest.raises(ValueError, match=r"member 'small' cannot run on sample_input"):
+        budgeted({"small": module}, Budget(fraction=0.5), sample_input=x)
