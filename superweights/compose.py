@@ -173,7 +173,8 @@ def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
     stacks: dict[tuple[str, str], list] = {}
     for layer in plan.layers:
         if layer.index is None:
-            kernels.setdefault(layer.member, {})[layer.path] = compose_layer(plan, by_bank, layer)
+            kernel = compose_layer(plan, by_bank, layer).reshape(layer.model_shape)
+            kernels.setdefault(layer.member, {})[layer.path] = kernel
         else:
             stacks.setdefault((layer.member, layer.path), []).append(layer)
     for (member, path), slices in stacks.items():
@@ -181,6 +182,9 @@ def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
         if [layer.index for layer in slices] != list(range(len(slices))):
             indices = [layer.index for layer in slices]
             raise ValueError(f"the plan holds slices {indices} of {member}:{path}, not all")
-        parts = [compose_batch(plan, by_bank, run) for run in _runs(plan, slices)]
+        parts = [
+            compose_batch(plan, by_bank, run).reshape(len(run), *run[0].model_shape)
+            for run in _runs(plan, slices)
+        ]
         kernels.setdefault(member, {})[path] = jnp.concatenate(parts)
     return kernels

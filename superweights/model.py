@@ -121,10 +121,11 @@ class BudgetedModel:
                 index = getattr(spec, "index", None)  # ParamSpecs have none
                 if shape is not None and index is not None:
                     shape = shape[1:] if index < shape[0] else None
-                if shape != spec.shape:
+                expected = getattr(spec, "model_shape", spec.shape)
+                if shape != expected:
                     raise ValueError(
                         f"param {member.name}:{spec.path} has shape {shape} in the model but "
-                        f"{spec.shape} in the plan; the plan belongs to another model"
+                        f"{expected} in the plan; the plan belongs to another model"
                     )
             extra = sorted(set(flat) - {spec.path for spec in planned})
             if extra:

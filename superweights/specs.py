@@ -33,6 +33,9 @@ class LayerSpec:
       depth: position among the member's shared layers in forward order.
       index: the slice of a stacked kernel `[n_layers, ...]` this layer is
         (`path` names the whole stack); None for an ordinary kernel.
+      held_shape: the kernel's shape in the model where it differs from
+        `shape`: a dense kernel with several input or output axes
+        (`DenseGeneral`, attention projections) shared as the matrix `shape`.
     """
 
     member: str
@@ -41,6 +44,7 @@ class LayerSpec:
     dtype: str
     depth: int
     index: int | None = None
+    held_shape: tuple[int, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -50,7 +54,13 @@ class LayerSpec:
     def read(self, flat: Mapping[str, Any]) -> Any:
         """This layer's kernel out of `{path: array}` (its slice, for a stacked kernel)."""
         value = flat[self.path]
-        return value if self.index is None else value[self.index]
+        value = value if self.index is None else value[self.index]
+        return value if self.held_shape is None else value.reshape(self.shape)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """The kernel's shape as the model holds it (one slice of a stack)."""
+        return self.shape if self.held_shape is None else self.held_shape
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -173,11 +183,15 @@ def split_params(
         if reason:
             unshared.append(ParamSpec(member, path, shape, dtype, reason))
             continue
+        held = None
+        if (k := trace.contracted.get(path)) is not None:
+            held = layer_shape
+            layer_shape = (math.prod(held[:k]), math.prod(held[k:]))
         for index in range(stack) if stack else (None,):
-            entries.append((trace.rank(path, index), path, layer_shape, dtype, index))
+            entries.append((trace.rank(path, index), path, layer_shape, dtype, index, held))
     entries.sort(key=lambda entry: entry[0])
     layers = [
-        LayerSpec(member, path, shape, dtype, depth=depth, index=index)
-        for depth, (_, path, shape, dtype, index) in enumerate(entries)
+        LayerSpec(member, path, shape, dtype, depth=depth, index=index, held_shape=held)
+        for depth, (_, path, shape, dtype, index, held) in enumerate(entries)
     ]
     return layers, unshared

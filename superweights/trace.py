@@ -36,6 +36,9 @@ class Trace:
       dense: params read by a matrix product (`dot_general`) and never by a
         convolution: dense kernels even with three or more dimensions
         (`DenseGeneral`, attention projections).
+      contracted: `{path: k}` for dense params of three or more dimensions
+        (per layer) that every product contracts over their first `k` axes:
+        the kernel is the matrix `[prod(shape[:k]), prod(shape[k:])]`.
     """
 
     order: tuple[str, ...]
@@ -44,6 +47,7 @@ class Trace:
     scan_start: dict[str, int]
     output: str | None
     dense: frozenset[str] = frozenset()
+    contracted: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_order(cls, order, output: str | None = None) -> Trace:
@@ -94,6 +98,7 @@ class _Walk:
         self.scan_start: dict[int, int] = {}
         self.touched: set[int] = set()
         self.primitives: dict[int, set[str]] = {}
+        self.contractions: dict[int, set[tuple]] = {}
 
     def jaxpr(self, jaxpr: core.Jaxpr, origin: dict[int, int]) -> None:
         for eqn in jaxpr.eqns:
@@ -109,6 +114,12 @@ class _Walk:
                 if position >= scanned:
                     self.stacked.setdefault(param, int(eqn.params["length"]))
                     self.scan_start.setdefault(param, start)
+        if eqn.primitive.name == "dot_general":
+            contract, batch = eqn.params["dimension_numbers"]  # (lhs, rhs) each
+            for position, param in reads:
+                rank = eqn.invars[position].aval.ndim
+                read = (rank, tuple(contract[position]), tuple(batch[position]))
+                self.contractions.setdefault(param, set()).add(read)
         if reads:
             for inner, outer in _inner_jaxprs(eqn):
                 pairs = zip(inner.invars, outer, strict=True)
@@ -119,6 +130,21 @@ class _Walk:
             self.first_use.setdefault(param, start)
             self.last_use[param] = max(self.last_use.get(param, start), self.position)
         self.position += 1
+
+
+def _leading_contraction(reads: set[tuple]) -> int | None:
+    """`k` when every read of a param of rank 3 or more contracts its first `k` axes.
+
+    The order in which they are paired with the other operand's does not matter:
+    the kernel is the same matrix `[prod(shape[:k]), prod(shape[k:])]`.
+    """
+    if len(reads) != 1:
+        return None
+    ((rank, contract, batch),) = reads
+    k = len(contract)
+    if rank < 3 or batch or not 0 < k < rank or sorted(contract) != list(range(k)):
+        return None
+    return k
 
 
 def _on_output_path(jaxpr: core.Jaxpr) -> list[bool]:
@@ -161,6 +187,11 @@ def trace_params(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> Tra
         for i, used_by in walk.primitives.items()
         if "dot_general" in used_by and "conv_general_dilated" not in used_by
     }
+    contracted = {
+        paths[i]: k
+        for i, reads in walk.contractions.items()
+        if paths[i] in dense and (k := _leading_contraction(reads)) is not None
+    }
     return Trace(
         order=tuple(sorted(paths, key=rank.get)),
         first_use=first_use,
@@ -168,6 +199,7 @@ def trace_params(fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> Tra
         scan_start={paths[i]: s for i, s in walk.scan_start.items()},
         output=None if output is None else paths[output],
         dense=frozenset(dense),
+        contracted=contracted,
     )
 
 

@@ -125,6 +125,35 @@ def test_forward_order_of_a_function_follows_first_use():
     assert forward_order(apply, abstract, sample) == ["c", "a", "b", "d"]
 
 
+def test_a_kernel_contracted_over_its_leading_axes_is_read_as_a_matrix():
+    from superweights import trace_params
+
+    params = {
+        "split_out": jnp.ones((6, 2, 3)),  # x @ [6, 2*3]: contracted over axis 0
+        "split_in": jnp.ones((2, 3, 4)),  # [.., 2, 3] @ [2*3, 4]: axes 0 and 1
+        "trailing": jnp.ones((5, 3, 4)),  # contracted over axis 2: no matrix view
+        "twice": jnp.ones((6, 2, 3)),  # read by two different products
+    }
+
+    def apply(p, x):
+        h = jnp.einsum("bi,ihd->bhd", x, p["split_out"])
+        y = jnp.einsum("bhd,hdo->bo", h, p["split_in"])
+        z = jnp.einsum("bo,xyo->bxy", y, p["trailing"])
+        t = jnp.einsum("bi,ihd->bhd", x, p["twice"]).sum()
+        return z.sum() + t + jnp.einsum("bd,ihd->bih", h[:, 0], p["twice"]).sum()
+
+    trace = trace_params(apply, params, jnp.ones((1, 6)))
+    assert trace.contracted == {"split_out": 1, "split_in": 2}
+    assert trace.dense == set(params)  # no convolution reads any of them
+    rule = SharingRule(share_dense=True, kernel_names=tuple(params), keep_output=False)
+    layers, _ = split_params("m", params, trace, rule)
+    shapes = {layer.path: (layer.shape, layer.held_shape) for layer in layers}
+    assert shapes["split_out"] == ((6, 6), (6, 2, 3))
+    assert shapes["split_in"] == ((6, 4), (2, 3, 4))
+    assert shapes["trailing"] == ((5, 3, 4), None)
+    assert layers[0].read({"split_out": jnp.arange(36.0).reshape(6, 2, 3)}).shape == (6, 6)
+
+
 def test_forward_order_of_an_nnx_model_follows_calls_not_names():
     member = nnx_member("m", nnx.eval_shape(lambda: Scrambled(nnx.Rngs(0))))
     order = forward_order(

@@ -144,6 +144,17 @@ def test_transformer_with_dropout_and_a_mask_trains_and_exports_exactly():
         bins=2,
     )
     assert model.members[0].needs_rng
+    projections = {
+        layer.path.split(".")[-2]: (layer.shape, layer.held_shape)
+        for layer in model.plan.layers
+        if "MultiHeadDotProductAttention_0" in layer.path and "EncoderBlock_0" in layer.path
+    }
+    assert projections == {  # [dim, heads, head dim] kernels shared as dim x dim matrices
+        "query": ((16, 16), (16, 2, 8)),
+        "key": ((16, 16), (16, 2, 8)),
+        "value": ((16, 16), (16, 2, 8)),
+        "out": ((16, 16), (2, 8, 16)),
+    }
     kept = {p.path: p.reason for p in model.plan.unshared if p.reason}
     assert "output layer" in kept["classifier.kernel"]
     assert "model:classifier.kernel" in model.report()
