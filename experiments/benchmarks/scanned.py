@@ -33,9 +33,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        y = nn.SelfAttention(self.heads, dropout_rate=self.rate, deterministic=deterministic)(
-            nn.LayerNorm()(x)
-        )
+        attention = nn.MultiHeadDotProductAttention(self.heads, dropout_rate=self.rate)
+        y = attention(nn.LayerNorm()(x), deterministic=deterministic)
         x = x + nn.Dropout(self.rate, deterministic=deterministic)(y)
         y = nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(nn.LayerNorm()(x))))
         return x + nn.Dropout(self.rate, deterministic=deterministic)(y), None
