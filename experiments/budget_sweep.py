@@ -37,7 +37,9 @@ from flax import nnx  # noqa: E402
 import archs  # noqa: E402
 from archs.registry import WRN_PATTERN  # noqa: E402
 from experiments import presets  # noqa: E402
-from experiments.cli import RunConfig, run_training  # noqa: E402
+from experiments.config import RunConfig  # noqa: E402
+from experiments.data import DATA_SHAPES  # noqa: E402
+from experiments.run import run_training  # noqa: E402
 from superweights import Budget, BudgetError  # noqa: E402
 
 METHODS = ("search", "no-search", "reduced-width", "full")
@@ -207,7 +209,7 @@ def run_sweep(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = sweep.base
-    shape, num_classes = presets.DATA_SHAPES[base.dataset]
+    shape, num_classes = DATA_SHAPES[base.dataset]
     budgets, notes = feasible_budgets(base, sweep.budgets)
     for note in notes:
         log(note)

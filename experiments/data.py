@@ -36,6 +36,24 @@ IDX_FILE_STEMS = {
 
 CIFAR_IMAGE_SHAPE = (32, 32, 3)
 
+DATA_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((8, 8, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "fashion_mnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+}
+"""`{data set: (image shape (h, w, c), classes)}`, known without loading it."""
+
+DATASET_SIZES: dict[str, tuple[int, int]] = {
+    "digits": (1437, 360),
+    "mnist": (60_000, 10_000),
+    "fashion_mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+}
+"""`{data set: (train images, test images)}` of the standard splits."""
+
 PathLike = str | os.PathLike
 
 
@@ -367,20 +385,38 @@ def load_dataset(name: str, data_dir: PathLike | None = None, **kwargs) -> Datas
     ``digits`` takes no ``data_dir``; ``fashion_mnist`` defaults to ``FASHION_MNIST_DIR``;
     ``mnist``, ``cifar10`` and ``cifar100`` need ``data_dir``.
     """
+    key, directory = _source(name, data_dir)
+    if key == "digits":
+        return load_digits(**kwargs)
+    if key in ("mnist", "fashion_mnist"):
+        return load_idx(directory, key, **kwargs)
+    return load_cifar(directory, num_classes=10 if key == "cifar10" else 100, **kwargs)
+
+
+def check_files(name: str, data_dir: PathLike | None = None) -> None:
+    """Raises what ``load_dataset`` would for absent files, reading none of them."""
+    key, directory = _source(name, data_dir)
+    if key in ("mnist", "fashion_mnist"):
+        _find_idx_files(Path(directory), key)
+    elif key != "digits":
+        classes = 10 if key == "cifar10" else 100
+        _find_cifar_root(Path(directory), _CIFAR_LAYOUTS[classes], classes)
+
+
+def _source(name: str, data_dir: PathLike | None) -> tuple[str, PathLike | None]:
+    """``(dataset key, directory to read)`` of ``name``, its default location applied."""
     key = name.lower().replace("-", "_")
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     if key == "digits":
         if data_dir is not None:
             raise ValueError("digits ships with scikit-learn and takes no data_dir")
-        return load_digits(**kwargs)
-    if key == "fashion_mnist":
-        return load_idx(FASHION_MNIST_DIR if data_dir is None else data_dir, key, **kwargs)
+        return key, None
+    if key == "fashion_mnist" and data_dir is None:
+        return key, FASHION_MNIST_DIR
     if data_dir is None:
         raise ValueError(f"{key} has no default location; pass data_dir")
-    if key == "mnist":
-        return load_idx(data_dir, key, **kwargs)
-    return load_cifar(data_dir, num_classes=10 if key == "cifar10" else 100, **kwargs)
+    return key, data_dir
 
 
 def subset(ds: Dataset, train_size: int | None = None, test_size: int | None = None) -> Dataset:

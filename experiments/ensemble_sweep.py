@@ -35,7 +35,8 @@ from experiments.budget_sweep import (  # noqa: E402
     parse_seeds,
     sweep_parser,
 )
-from experiments.cli import RunConfig, run_training  # noqa: E402
+from experiments.config import RunConfig  # noqa: E402
+from experiments.run import run_training  # noqa: E402
 from superweights import BudgetError  # noqa: E402
 
 FULL = "full"

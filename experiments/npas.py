@@ -20,9 +20,18 @@ import jax
 import numpy as np
 
 import search
-from experiments.checkpoint import Checkpoints, Position
+from experiments.checkpoint import Position
 from experiments.data import Dataset, batches
-from experiments.train import LoopConfig, OptimConfig, TrainState, cross_entropy, train
+from experiments.train import (
+    NO_SAVING,
+    LoopConfig,
+    OptimConfig,
+    Phase,
+    Saving,
+    TrainState,
+    cross_entropy,
+    train,
+)
 from superweights import Budget, BudgetedModel, BudgetError, budgeted
 from superweights.budget import SUBLAYER_TEMPLATES
 from superweights.model import apply_members
@@ -163,16 +172,12 @@ def run_search(
     fill: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    should_stop: Callable[[], bool] | None = None,
-    checkpoints: Checkpoints | None = None,
-    checkpoint_every: int = 1,
-    checkpoint_steps: int = 0,
+    saving: Saving = NO_SAVING,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> tuple[BudgetedModel, search.SearchResult, TrainState]:
     """Search phase: train the hard-shared model briefly, then split its clusters.
 
-    Its training saves to `checkpoints` (every `checkpoint_every` epochs or
-    `checkpoint_steps` steps, at its end and when stopped);
+    Its training saves as `saving` says (at its end and when stopped too);
     `resume=(model, state, position)` goes on from such a checkpoint. The
     clustering itself is quick and deterministic, so it is redone from the last
     checkpoint rather than saved.
@@ -197,13 +202,9 @@ def run_search(
         dataset,
         loop,
         optim,
+        phase=Phase(resume=resume_point, stop_after=config.search_epochs),
+        saving=saving,
         progress=progress,
-        stop_after=config.search_epochs,
-        should_stop=should_stop,
-        checkpoints=checkpoints,
-        checkpoint_every=checkpoint_every,
-        checkpoint_steps=checkpoint_steps,
-        resume=resume_point,
     )
     sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
     grads = weight_gradients(searcher, state.params, state.model_state, sample)
@@ -235,23 +236,21 @@ def run_npas(
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict], None] | None = None,
     on_search: Callable[[search.SearchResult, BudgetedModel], None] | None = None,
-    checkpoints: Checkpoints | None = None,
-    checkpoint_every: int = 1,
-    checkpoint_steps: int = 0,
-    should_stop: Callable[[], bool] | None = None,
+    saving: Saving = NO_SAVING,
+    search_saving: Saving = NO_SAVING,
     resume: tuple[BudgetedModel, TrainState, Position] | None = None,
-    search_checkpoints: Checkpoints | None = None,
+    resumed_unshare: dict | None = None,
     search_resume: tuple[BudgetedModel, TrainState, Position] | None = None,
 ) -> dict:
     """Search (unless `config.search` is off), then train the final model.
 
     `on_search(result, final_model)` is called as soon as the search is done.
-    The final training saves to `checkpoints` every `checkpoint_every` epochs
-    or `checkpoint_steps` steps (and at the end, and when stopped);
-    `resume=(model, state, position)` skips the search and continues that final
-    training where it stopped. The search phase saves to `search_checkpoints`,
-    and `search_resume` continues it (then the search and the final training
-    follow as usual).
+    The final training saves as `saving` says, its checkpoints holding the
+    unsharing record too; `resume=(model, state, position)` skips the search
+    and continues that final training where it stopped, with
+    `resumed_unshare` the record its checkpoint kept. The search phase saves
+    as `search_saving` says, and `search_resume` continues it (then the search
+    and the final training follow as usual).
 
     Returns `{"model", "state", "metrics", "search" (SearchResult or None),
     "searcher", "initial_plan", "unshare"}`; `model` is the final one, after
@@ -286,10 +285,7 @@ def run_npas(
             fill=fill,
             progress=progress,
             log=log,
-            should_stop=should_stop,
-            checkpoints=search_checkpoints,
-            checkpoint_every=checkpoint_every,
-            checkpoint_steps=checkpoint_steps,
+            saving=search_saving,
             resume=search_resume,
         )
         plan = search.searched_plan(
@@ -305,7 +301,7 @@ def run_npas(
         if config.warm_start:
             params = warm_start_params(final, search_state.params, jax.random.key(loop.seed))
             initial = (params, search_state.model_state)
-    record: dict = {}
+    record: dict = {} if resumed_unshare is None else {"unshare": resumed_unshare}
     interventions = {}
     if unshares(config, loop):
         interventions[config.unshare_epoch] = unshare_intervention(
@@ -316,15 +312,10 @@ def run_npas(
         dataset,
         loop,
         optim,
-        progress=progress,
+        phase=Phase(initial=initial, resume=resume_point, interventions=interventions),
+        saving=dataclasses.replace(saving, extra=lambda: {"unshare": record.get("unshare")}),
         on_epoch=on_epoch,
-        initial=initial,
-        interventions=interventions,
-        checkpoints=checkpoints,
-        checkpoint_every=checkpoint_every,
-        checkpoint_steps=checkpoint_steps,
-        resume=resume_point,
-        should_stop=should_stop,
+        progress=progress,
     )
     model = BudgetedModel(record["plan"], final.members) if "plan" in record else final
     return {

@@ -1,7 +1,7 @@
 """Named run configurations: the paper's CIFAR settings and small CPU ones of the same shape.
 
     from experiments import presets
-    from experiments.cli import run_training
+    from experiments.run import run_training
 
     config = presets.with_overrides(presets.get("cifar100-wrn-28-10-b25"), data_dir="~/data")
     run_training(config)
@@ -15,24 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
-import superweights
-from experiments.cli import RunConfig, members_of
-from experiments.npas import SearchConfig, unshares
+from experiments.config import RunConfig, initial_plan
+from experiments.npas import SearchConfig
 from experiments.train import LoopConfig, OptimConfig
-from superweights import Budget, SharingRule
-
-DATA_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "digits": ((8, 8, 1), 10),
-    "mnist": ((28, 28, 1), 10),
-    "fashion_mnist": ((28, 28, 1), 10),
-    "cifar10": ((32, 32, 3), 10),
-    "cifar100": ((32, 32, 3), 100),
-}
-"""`{dataset: (image shape (h, w, c), classes)}`, for planning without loading the data."""
+from superweights import Budget
 
 PAPER_LOOP = LoopConfig(epochs=200, batch_size=128)
 PAPER_OPTIM = OptimConfig(
@@ -143,41 +129,14 @@ def with_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
     return dataclasses.replace(config, **changes)
 
 
-def initial_plan(config: RunConfig) -> superweights.Plan:
-    """The plan of `config` on its initial clusters (what a run without search trains).
-
-    Planned on abstract shapes (`nnx.eval_shape`): nothing is allocated or trained.
-    """
-    return _plan(config, Budget.parse(config.budget, config.scope), fill=config.fill)
-
-
 def minimum_budget(config: RunConfig) -> tuple[int, int]:
     """`(smallest feasible budget, full size)` of `config`'s model(s), in its scope."""
-    # any feasible budget does: only the minimum is read
-    plan = _plan(config, Budget(params=2**62, scope=config.scope), fill=False)
+    # the whole model is a feasible budget: only the minimum is read
+    plan = initial_plan(
+        dataclasses.replace(config, fill=False), Budget(fraction=1.0, scope=config.scope)
+    )
     full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
     return plan.minimum_budget, full
-
-
-def _plan(config: RunConfig, budget: Budget, fill: bool) -> superweights.Plan:
-    if config.dataset not in DATA_SHAPES:
-        raise ValueError(f"no image shape known for dataset {config.dataset!r}")
-    shape, num_classes = DATA_SHAPES[config.dataset]
-    modules = nnx.eval_shape(
-        lambda: members_of(
-            config.arch, config.exits, num_classes=num_classes, in_channels=shape[2], seed=0
-        )
-    )
-    return superweights.budgeted(
-        modules,
-        budget,
-        sample_input=jax.ShapeDtypeStruct((1, *shape), jnp.float32),
-        bins=config.bins,
-        rule=SharingRule(share_dense=config.share_dense),
-        fill=fill,
-        sublayer_templates=config.sublayer_templates,
-        reserve_unsharing=unshares(config.search, config.loop),
-    ).plan
 
 
 def budget_params(config: RunConfig) -> tuple[int, int]:

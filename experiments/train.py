@@ -195,22 +195,121 @@ class LoopConfig:
 Intervention = Callable[[Any, TrainState], tuple[Any, TrainState]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Which part of a run one call to `train` covers, and where it starts.
+
+    Attributes:
+      initial: `(params, model_state)` to start from instead of `model.init`.
+      resume: `(state, position)` from `Checkpoints.restore_latest`; training
+        goes on from there exactly as if never stopped (`model` must be the one
+        the state belongs to, after any unsharing it went through).
+      stop_after: end after this many epochs, the schedule still spanning
+        `loop.epochs` (a search phase at the full learning rate).
+      interventions: `{epoch: fn(model, state) -> (model, state)}`, run after
+        that epoch's steps; a changed model gets a freshly compiled step and an
+        optimizer whose weight-decay mask follows the new params (the
+        optimizer state passed back must match them).
+    """
+
+    initial: tuple[Any, Any] | None = None
+    resume: tuple[TrainState, Position] | None = None
+    stop_after: int | None = None
+    interventions: Mapping[int, Intervention] = dataclasses.field(default_factory=dict)
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Saving:
+    """Where and when the train loop saves its state, and when it is asked to stop.
+
+    Attributes:
+      checkpoints: where to save; None keeps nothing (a stop then loses the run).
+      every_epochs: save after every this many epochs (0: only at the end).
+      every_steps: also save every this many steps, mid-epoch included (0: not).
+      should_stop: polled after every step; once true, the loop saves and
+        raises `Interrupted` (see `checkpoint.stop_requests`).
+      extra: JSON-able facts the checkpoint also keeps, read at each save (the
+        run's unsharing record, say), given back on resume in the meta.
+    """
+
+    checkpoints: Checkpoints | None = None
+    every_epochs: int = 1
+    every_steps: int = 0
+    should_stop: Callable[[], bool] = _never
+    extra: Callable[[], dict] = dict
+
+    def due(self, step: int) -> bool:
+        """A step-count checkpoint falls at `step`."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def due_after_epoch(self, epoch: int, last_epoch: int, step: int) -> bool:
+        return (
+            epoch == last_epoch
+            or (bool(self.every_epochs) and epoch % self.every_epochs == 0)
+            or self.due(step)
+        )
+
+    def save(self, model, state: TrainState, position: Position) -> None:
+        """Saves `state` (and the model's plan), refusing non-finite params."""
+        if self.checkpoints is None:
+            return
+        finite = jax.tree_util.tree_map(lambda x: bool(jnp.isfinite(x).all()), state.params)
+        if not all(jax.tree_util.tree_leaves(finite)):
+            raise FloatingPointError(
+                f"parameters became NaN or infinite by step {int(state.step)}; not saved, "
+                f"the last good checkpoint is kept in {self.checkpoints.directory}"
+            )
+        plan = {"plan": model.plan.to_json()} if hasattr(model, "plan") else {}
+        self.checkpoints.save(state, position, {**self.extra(), **plan})
+
+    def interrupted(self, state: TrainState, epoch: int) -> Interrupted:
+        kept = "checkpoint saved, " if self.checkpoints else "no checkpoint directory, "
+        return Interrupted(
+            f"stopped at step {int(state.step)} (epoch {epoch}); {kept}"
+            "run the same command again to resume"
+        )
+
+    def diverged(self, loss: float, epoch: int) -> FloatingPointError:
+        kept = (
+            f"; the last good checkpoint is kept in {self.checkpoints.directory}"
+            if self.checkpoints
+            else ""
+        )
+        return FloatingPointError(
+            f"training loss became {loss} in epoch {epoch}; lower the learning rate{kept}"
+        )
+
+
+NO_SAVING = Saving()
+"""Nothing saved, never stopped: what `train` does unless told."""
+
+
+def check_batch_size(loop: LoopConfig, dataset: Dataset) -> None:
+    if loop.batch_size > len(dataset.train_images):
+        raise ValueError(
+            f"batch size {loop.batch_size} exceeds the {len(dataset.train_images)} training "
+            "examples; lower --batch-size"
+        )
+
+
+def host_losses(losses: list) -> tuple[float, ...]:
+    return tuple(float(x) for x in jax.device_get(losses))
+
+
 def train(
     model,
     dataset: Dataset,
     loop: LoopConfig,
     optim: OptimConfig,
     *,
-    progress: bool = True,
+    phase: Phase = Phase(),
+    saving: Saving = NO_SAVING,
     on_epoch: Callable[[dict], None] | None = None,
-    initial: tuple[Any, Any] | None = None,
-    interventions: Mapping[int, Intervention] | None = None,
-    stop_after: int | None = None,
-    checkpoints: Checkpoints | None = None,
-    checkpoint_every: int = 1,
-    checkpoint_steps: int = 0,
-    resume: tuple[TrainState, Position] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    progress: bool = True,
 ) -> tuple[TrainState, dict]:
     """Trains `model` on `dataset` and returns the final state and metrics.
 
@@ -219,33 +318,19 @@ def train(
       dataset: train and test splits.
       loop: epochs, batch size, seed, augmentation.
       optim: the optimizer recipe; its schedule spans `loop.epochs`.
+      phase: where this call starts (fresh, from given params, or resumed) and
+        where it ends, with the interventions on the way.
+      saving: checkpoints (every few epochs or steps, at the end, and when
+        `saving.should_stop()` turns true: then `Interrupted` is raised).
       on_epoch: called after every epoch with that epoch's mean train loss, wall
         time and, every `eval_every` epochs and at the end, test metrics.
-      initial: `(params, model_state)` to start from instead of `model.init`.
-      interventions: `{epoch: fn(model, state) -> (model, state)}`, run after
-        that epoch's steps; a changed model gets a freshly compiled step and an
-        optimizer whose weight-decay mask follows the new params (the
-        optimizer state passed back must match them).
-      stop_after: end after this many epochs, the schedule still spanning
-        `loop.epochs` (a search phase at the full learning rate).
-      checkpoints: where to save the state every `checkpoint_every` epochs,
-        every `checkpoint_steps` steps (0: not by steps), at the end, and when
-        `should_stop()` turns true (then `Interrupted` is raised after saving).
-      resume: `(state, position)` from `Checkpoints.restore_latest`; training
-        goes on from there exactly as if never stopped. `model` must be the one
-        the state belongs to (after any unsharing it went through).
     """
-    if loop.batch_size > len(dataset.train_images):
-        raise ValueError(
-            f"batch size {loop.batch_size} exceeds the {len(dataset.train_images)} training "
-            "examples; lower --batch-size"
-        )
+    check_batch_size(loop, dataset)
     steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
     total_steps = steps * loop.epochs
-    last_epoch = loop.epochs if stop_after is None else min(stop_after, loop.epochs)
-    interventions = interventions or {}
+    last_epoch = loop.epochs if phase.stop_after is None else min(phase.stop_after, loop.epochs)
     init_key, train_key = jax.random.split(jax.random.key(loop.seed))
-    params, model_state = initial if initial is not None else model.init(init_key)
+    params, model_state = phase.initial if phase.initial is not None else model.init(init_key)
 
     def compile_steps(model, params):
         optimizer = make_optimizer(optim, total_steps, model.weight_decay_mask(params))
@@ -261,8 +346,8 @@ def train(
     optimizer, train_step, eval_step = compile_steps(model, params)
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
     position = None
-    if resume is not None:
-        state, position = resume
+    if phase.resume is not None:
+        state, position = phase.resume
     state = distributed.replicate(state, mesh)
     order = order_generator(loop.seed, position)
     first_epoch = position.epoch if position else 1
@@ -272,20 +357,6 @@ def train(
             eval_step, state.params, state.model_state, dataset.test_images, loop.eval_batch_size
         )
         return classification_metrics(logits, dataset.test_labels)
-
-    def save(state: TrainState, at: Position) -> None:
-        if checkpoints is not None:
-            finite = jax.tree_util.tree_map(lambda x: bool(jnp.isfinite(x).all()), state.params)
-            if not all(jax.tree_util.tree_leaves(finite)):
-                raise FloatingPointError(
-                    f"parameters became NaN or infinite by step {int(state.step)}; not saved, "
-                    f"the last good checkpoint is kept in {checkpoints.directory}"
-                )
-            extra = {"plan": model.plan.to_json()} if hasattr(model, "plan") else {}
-            checkpoints.save(state, at, extra)
-
-    def due(step: int) -> bool:
-        return bool(checkpoint_steps) and step % checkpoint_steps == 0
 
     bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     bar.update(int(state.step))
@@ -312,31 +383,19 @@ def train(
             )
             losses.append(step_metrics["loss"])
             bar.update()
-            stop = should_stop is not None and should_stop()
-            if stop or (index + 1 < steps and due((epoch - 1) * steps + index + 1)):
-                host_losses = tuple(float(x) for x in jax.device_get(losses))
-                save(state, Position(epoch, index + 1, epoch_start, host_losses, metrics))
+            stop = saving.should_stop()
+            if stop or (index + 1 < steps and saving.due((epoch - 1) * steps + index + 1)):
+                at = Position(epoch, index + 1, epoch_start, host_losses(losses), metrics)
+                saving.save(model, state, at)
             if stop:
                 bar.close()
-                raise Interrupted(
-                    f"stopped at step {int(state.step)} (epoch {epoch}); "
-                    + ("checkpoint saved, " if checkpoints else "no checkpoint directory, ")
-                    + "run the same command again to resume"
-                )
+                raise saving.interrupted(state, epoch)
         epoch_loss = float(np.mean(np.asarray(jax.device_get(losses), np.float32)))
         if not math.isfinite(epoch_loss):
             bar.close()
-            kept = (
-                f"; the last good checkpoint is kept in {checkpoints.directory}"
-                if checkpoints
-                else ""
-            )
-            raise FloatingPointError(
-                f"training loss became {epoch_loss} in epoch {epoch}; lower the learning rate"
-                + kept
-            )
-        if epoch in interventions:
-            model, state = interventions[epoch](model, state)
+            raise saving.diverged(epoch_loss, epoch)
+        if epoch in phase.interventions:
+            model, state = phase.interventions[epoch](model, state)
             optimizer, train_step, eval_step = compile_steps(model, state.params)
         seconds = time.perf_counter() - epoch_clock
         metrics = {
@@ -350,11 +409,8 @@ def train(
         bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
         if on_epoch:
             on_epoch(metrics)
-        if (
-            epoch == last_epoch
-            or (checkpoint_every and epoch % checkpoint_every == 0)
-            or due(epoch * steps)
-        ):
-            save(state, Position(epoch + 1, 0, order.bit_generator.state, (), metrics))
+        if saving.due_after_epoch(epoch, last_epoch, epoch * steps):
+            next_epoch = Position(epoch + 1, 0, order.bit_generator.state, (), metrics)
+            saving.save(model, state, next_epoch)
     bar.close()
     return state, metrics

@@ -23,6 +23,7 @@ library:
 from __future__ import annotations
 
 from experiments import presets
+from experiments.config import initial_plan
 
 # (cluster, level, target (out, in), piece L, users, templates)
 ENSEMBLE_BANKS = [
@@ -121,7 +122,7 @@ def library_banks(plan):
 
 
 def check_against_the_authors(name, expected, templates, leftover):
-    plan = presets.initial_plan(presets.get(name))
+    plan = initial_plan(presets.get(name))
     # the table is consistent with the rules it was worked out from
     kernel_entries = {row[0]: 1 if row[0] == "c0" else 9 for row in expected}
     assert by_hand_pieces(expected, kernel_entries) == [row[3] for row in expected]

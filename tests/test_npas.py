@@ -16,7 +16,14 @@ from experiments import npas
 from experiments import train as train_module
 from experiments.data import load_digits, subset
 from experiments.npas import SearchConfig, gradient_batches, weight_gradients
-from experiments.train import LoopConfig, OptimConfig, TrainState, make_optimizer, train
+from experiments.train import (
+    LoopConfig,
+    OptimConfig,
+    Phase,
+    TrainState,
+    make_optimizer,
+    train,
+)
 from superweights import (
     Budget,
     BudgetedModel,
@@ -312,13 +319,14 @@ def test_run_search_is_deterministic_given_the_seed(searches):
 # --- run_npas -----------------------------------------------------------------------------------
 
 
-def dry_train(model, dataset, loop, optim, *, initial=None, interventions=None, **_):
+def dry_train(model, dataset, loop, optim, *, phase=None, **_):
     """`train` without a step: the initial state as `train` makes it, then the interventions."""
     init_key, train_key = jax.random.split(jax.random.key(loop.seed))
+    initial, interventions = (phase or Phase()).initial, (phase or Phase()).interventions
     params, model_state = initial if initial is not None else model.init(init_key)
     optimizer = make_optimizer(optim, loop.epochs, model.weight_decay_mask(params))
     state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
-    for epoch in sorted(interventions or {}):
+    for epoch in sorted(interventions):
         model, state = interventions[epoch](model, state)
     return state, {"epoch": loop.epochs}
 
@@ -368,8 +376,8 @@ def test_run_npas_without_search_trains_the_initial_clusters(digits, monkeypatch
     assert len(calls.calls) == 1  # no search phase
     kwargs, (state, metrics) = calls.calls[0]
     assert kwargs["model"].plan == initial
-    assert kwargs["initial"] is None and kwargs["interventions"] == {}
-    assert kwargs.get("stop_after") is None  # the whole run, not a search phase
+    assert kwargs["phase"].initial is None and kwargs["phase"].interventions == {}
+    assert kwargs["phase"].stop_after is None  # the whole run, not a search phase
     assert out["state"] is state and out["metrics"] is metrics
 
 
@@ -417,9 +425,9 @@ def test_run_npas_with_search_and_unsharing_runs_end_to_end(npas_run, searches, 
     assert any(line.startswith("unsharing: ") for line in logs)
     # Search phase then the final run, from scratch, unsharing after epoch 1.
     (search_kwargs, _), (final_kwargs, _) = calls
-    assert search_kwargs["stop_after"] == CONFIG.search_epochs
-    assert final_kwargs["initial"] is None
-    assert set(final_kwargs["interventions"]) == {1}
+    assert search_kwargs["phase"].stop_after == CONFIG.search_epochs
+    assert final_kwargs["phase"].initial is None
+    assert set(final_kwargs["phase"].interventions) == {1}
 
 
 def test_run_npas_returns_the_unshared_model_that_fits_its_state(npas_run, digits):
@@ -463,7 +471,7 @@ def test_run_npas_warm_start_starts_from_the_search_phase(digits, monkeypatch):
     assert is_finite_metrics(out["metrics"])
     assert int(out["state"].step) == LOOP.epochs * STEPS
     (_, (search_state, _)), (final_kwargs, _) = calls.calls
-    params, model_state = final_kwargs["initial"]
+    params, model_state = final_kwargs["phase"].initial
     final = final_kwargs["model"]
     assert final.plan == out["initial_plan"]
     fresh, _ = final.init(jax.random.key(LOOP.seed))
@@ -544,7 +552,9 @@ def train_with_unsharing(digits, threshold: float):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "make_train_step", counting_make_train_step)
-        state, metrics = train(model, digits, loop, OPTIM, progress=False, interventions={1: spy})
+        state, metrics = train(
+            model, digits, loop, OPTIM, progress=False, phase=Phase(interventions={1: spy})
+        )
     return model, state, metrics, record, seen, traces, builds
 
 
@@ -705,11 +715,15 @@ def trainable_params(params) -> int:
     return sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params))
 
 
+MODEL_SCOPE_PARAMS = 2_500
+"""A model-scope budget for the pair, just below its own 2,600 parameters in that scope."""
+
+
 def dry_model_scope_run(digits, monkeypatch, config: SearchConfig) -> dict:
-    """`run_npas` of the pair at 3,000 params in model scope, searched on random gradients."""
+    """`run_npas` of the pair at 2,500 params in model scope, searched on random gradients."""
     monkeypatch.setattr(npas, "run_search", search_on_random_gradients)
     monkeypatch.setattr(npas, "train", TrainCalls(dry=True))
-    budget = Budget(params=3000, scope="model")
+    budget = Budget(params=MODEL_SCOPE_PARAMS, scope="model")
     quiet = dict(progress=False, log=lambda _: None)
     return npas.run_npas(pair(), digits, budget, SAMPLE, LOOP, OPTIM, config, bins=1, **quiet)
 
@@ -721,19 +735,19 @@ def test_run_npas_with_a_model_scope_budget_unshares_within_it(digits, monkeypat
     # the disagreeing sharers are split off and the model stays within its budget.
     initial, final = out["initial_plan"], out["model"].plan
     assert initial.reserve_unsharing and initial.reserved > 0
-    assert initial.spent + initial.reserved + initial.leftover == 3000
+    assert initial.spent + initial.reserved + initial.leftover == MODEL_SCOPE_PARAMS
     assert out["unshare"]["vectors_after"] > out["unshare"]["vectors_before"]
     assert final.coefficient_params > initial.coefficient_params
-    assert final.spent + final.reserved <= 3000
+    assert final.spent + final.reserved <= MODEL_SCOPE_PARAMS
     assert final.reserved == initial.reserved - (final.spent - initial.spent)
-    assert trainable_params(out["state"].params) == final.trainable_params <= 3000
+    assert trainable_params(out["state"].params) == final.trainable_params <= MODEL_SCOPE_PARAMS
 
 
 def test_run_npas_without_unsharing_reserves_nothing(digits, monkeypatch):
     out = dry_model_scope_run(digits, monkeypatch, SearchConfig(unshare_epoch=0))
     plan = out["model"].plan
     assert not plan.reserve_unsharing and plan.reserved == 0
-    assert plan.spent == 3000  # fill spends the whole budget
+    assert plan.spent == MODEL_SCOPE_PARAMS  # fill spends the whole budget
 
 
 def test_run_npas_accepts_a_model_scope_budget_that_the_searched_plan_fits(digits, monkeypatch):

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 
 from experiments import presets
-from experiments.cli import RunConfig, arch_list
-from experiments.data import DATASET_NAMES
+from experiments.config import RunConfig, arch_list
+from experiments.data import DATA_SHAPES, DATASET_NAMES
 from superweights import Budget
 
 PAPER = [name for name in presets.names() if name.startswith("cifar")]
@@ -26,7 +26,7 @@ def test_names_are_sorted_unique_and_cover_both_kinds():
 def test_every_preset_builds_a_valid_run_config(name):
     config = presets.get(name)
     assert isinstance(config, RunConfig)
-    assert config.dataset in DATASET_NAMES and config.dataset in presets.DATA_SHAPES
+    assert config.dataset in DATASET_NAMES and config.dataset in DATA_SHAPES
     assert arch_list(config.arch)
     Budget.parse(config.budget, config.scope)
     assert config.data_dir is None  # given by the user (digits needs none)

@@ -1,0 +1,288 @@
+"""A training run's settings, and the one place where they are checked.
+
+`check(config)` refuses every setting that cannot make a run before any data
+is loaded or anything compiled, for the command line and the library alike:
+
+    config = RunConfig(arch="wrn-16-1", budget="10%", output_dir="runs/a")
+    check(config)  # ConfigError or BudgetError, each one line
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import superweights
+from experiments import augment
+from experiments.data import DATA_SHAPES, DATASET_NAMES, DATASET_SIZES, check_files
+from experiments.models import create_members
+from experiments.npas import SearchConfig, unshares
+from experiments.train import LoopConfig, OptimConfig
+from superweights import Budget, SharingRule
+from superweights.budget import SUBLAYER_TEMPLATES
+
+DEFAULT_AUGMENTATION = {
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "mnist": "mnist",
+    "fashion_mnist": "mnist",
+    "digits": "digits",
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot make a run; the message names it and says what to give."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run: model, budget, data, schedule, search and where it is written.
+
+    `budget` is text as `Budget.parse` reads it ("10%", "250k"); `output_dir`
+    None keeps nothing on disk.
+    """
+
+    arch: str = "wrn-28-1"
+    exits: bool = False
+    dataset: str = "digits"
+    data_dir: str | None = None
+    budget: str = "25%"
+    scope: str = "banks"
+    bins: int = 4
+    sublayer_templates: int = SUBLAYER_TEMPLATES
+    fill: bool = True
+    share_dense: bool = False
+    dense: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    augmentation: str = "auto"
+    output_dir: str | None = None
+    checkpoint_every: int = 1
+    checkpoint_steps: int = 0
+    keep_checkpoints: int = 3
+    compare_dense: bool = False
+    loop: LoopConfig = LoopConfig(epochs=15)
+    optim: OptimConfig = OptimConfig()
+    search: SearchConfig = SearchConfig()
+
+
+def arch_list(text: str, exits: bool = False) -> list[str]:
+    """`"wrn-16-2,wrn-10-2"` -> `["wrn-16-2", "wrn-10-2"]`."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"--arch {text!r} has an empty member name")
+    if exits and not all(name.startswith("wrn-") for name in names):
+        raise ConfigError("--exits needs Wide ResNet members (wrn-<depth>-<width>)")
+    return names
+
+
+def members_of(arch: str, exits: bool, *, num_classes: int, in_channels: int, seed: int):
+    """`{member name: module}` for an `--arch` list, with early exits when asked."""
+    return create_members(
+        arch_list(arch, exits),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        seed=seed,
+        **({"exits": True} if exits else {}),
+    )
+
+
+def abstract_members(config: RunConfig, image_shape, num_classes: int) -> dict:
+    """The run's members as shapes only (`nnx.eval_shape`): nothing is allocated."""
+    return nnx.eval_shape(
+        lambda: members_of(
+            config.arch,
+            config.exits,
+            num_classes=num_classes,
+            in_channels=image_shape[2],
+            seed=config.loop.seed,
+        )
+    )
+
+
+def initial_plan(
+    config: RunConfig, budget: Budget | None = None, data: tuple | None = None
+) -> superweights.Plan:
+    """The plan of `config` on its initial clusters, from shapes alone (nothing is trained).
+
+    `data`: `(image shape, classes)`, by default those of `config.dataset`.
+    """
+    shape, num_classes = data or DATA_SHAPES[config.dataset]
+    return superweights.budgeted(
+        abstract_members(config, shape, num_classes),
+        budget or Budget.parse(config.budget, config.scope),
+        sample_input=jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+        bins=config.bins,
+        rule=SharingRule(share_dense=config.share_dense),
+        fill=config.fill,
+        sublayer_templates=config.sublayer_templates,
+        reserve_unsharing=unshares(config.search, config.loop),
+    ).plan
+
+
+def parse_image_shape(text: str) -> tuple[int, int, int]:
+    """`"32,32,3"` -> `(32, 32, 3)`: height, width and channels, each at least 1."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(
+            f"--image-shape takes height,width,channels as positive whole numbers, e.g. "
+            f"32,32,3; got {text!r}"
+        )
+    return shape
+
+
+def check_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ConfigError(f"--num-classes must be at least 2, got {num_classes}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(values: dict, minimum: int) -> None:
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{_flag(name)} must be a whole number, got {value!r}")
+        if value < minimum:
+            bound = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+            raise ConfigError(f"{_flag(name)} {bound}, got {value}")
+
+
+def _finite(name: str, value, *, positive: bool) -> None:
+    bound = "positive" if positive else "zero or more"
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{_flag(name)} must be a finite number ({bound}), got {value}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{_flag(name)} must be {bound}, got {value}")
+
+
+def check_directory(flag: str, path: str, must_exist: bool) -> None:
+    """`path` is a directory, or could become one: no part of it is a file."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory")
+    if must_exist and not target.exists():
+        raise ConfigError(f"{flag} {path} does not exist")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path} lies under {parent}, which is a file")
+            break
+
+
+def check_sizes(config: RunConfig) -> None:
+    """Counts, rates and ranges, each against what it can be."""
+    loop, search = config.loop, config.search
+    _at_least(
+        {
+            "epochs": loop.epochs,
+            "batch_size": loop.batch_size,
+            "eval_batch_size": loop.eval_batch_size,
+            "bins": config.bins,
+            "keep_checkpoints": config.keep_checkpoints,
+            "train_size": config.train_size,
+            "test_size": config.test_size,
+            "search_epochs": search.search_epochs if search.search else None,
+            "gradient_batches": search.gradient_batches,
+        },
+        1,
+    )
+    _at_least(
+        {
+            "eval_every": loop.eval_every,
+            "checkpoint_every": config.checkpoint_every,
+            "checkpoint_steps": config.checkpoint_steps,
+            "sublayer_templates": config.sublayer_templates,
+            "unshare_epoch": search.unshare_epoch,
+        },
+        0,
+    )
+    _finite("lr", config.optim.learning_rate, positive=True)
+    _finite("weight_decay", config.optim.weight_decay, positive=False)
+    if not (isinstance(search.tau, int | float) and -1 <= search.tau <= 1):
+        raise ConfigError(f"--tau is a cosine similarity, in [-1, 1]; got {search.tau}")
+    budgeted = not config.dense
+    if budgeted and search.search and search.search_epochs > loop.epochs:
+        raise ConfigError(
+            f"--search-epochs ({search.search_epochs}) must be at most --epochs ({loop.epochs}): "
+            "the search phase runs on the same learning-rate schedule"
+        )
+    if search.unshare_epoch >= loop.epochs and search.unshare_epoch != 0:
+        raise ConfigError(
+            f"--unshare-epoch must be in [0, {loop.epochs - 1}] (0: never), "
+            f"got {search.unshare_epoch}"
+        )
+
+
+def check_data(config: RunConfig) -> None:
+    """The data set, its directory, and sizes against the images it holds."""
+    if config.dataset not in DATASET_NAMES:
+        raise ConfigError(
+            f"unknown data set {config.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
+        )
+    if config.data_dir is not None:
+        check_directory("--data-dir", config.data_dir, must_exist=False)
+    try:
+        check_files(config.dataset, config.data_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error).replace("pass data_dir", "pass --data-dir")) from None
+    if config.augmentation not in ("auto", *augment.PRESETS):
+        raise ConfigError(
+            f"unknown augmentation {config.augmentation!r}; choose auto or one of "
+            f"{', '.join(augment.PRESETS)}"
+        )
+    train_held, test_held = DATASET_SIZES[config.dataset]
+    for flag, size, held in (
+        ("--train-size", config.train_size, train_held),
+        ("--test-size", config.test_size, test_held),
+    ):
+        if size is not None and size > held:
+            raise ConfigError(
+                f"{flag} {size} is more than the {held:,} images {config.dataset} holds"
+            )
+    train_images = config.train_size or train_held
+    if config.loop.batch_size > train_images:
+        raise ConfigError(
+            f"--batch-size {config.loop.batch_size} exceeds the {train_images:,} training "
+            "images; lower --batch-size or raise --train-size"
+        )
+
+
+def check_model(config: RunConfig) -> None:
+    """The members exist, and a budgeted run's budget fits them (planned on shapes)."""
+    names = arch_list(config.arch, config.exits)
+    shape, num_classes = DATA_SHAPES[config.dataset]
+    try:
+        abstract_members(config, shape, num_classes)
+    except ValueError as error:
+        raise ConfigError(f"--arch {config.arch}: {error}") from error
+    if config.compare_dense and (config.dense or len(names) < 2):
+        raise ConfigError("--compare-dense needs a budgeted ensemble: several --arch names")
+    if not config.dense:
+        initial_plan(config)  # BudgetError: malformed, too small or above the model
+
+
+def check(config: RunConfig) -> None:
+    """Raises `ConfigError` or `BudgetError` unless `config` can make a run.
+
+    Nothing is loaded, compiled or written: the budget is planned on the
+    models' shapes.
+    """
+    check_sizes(config)
+    check_data(config)
+    if config.output_dir is not None:
+        check_directory("--output-dir", config.output_dir, must_exist=False)
+    if not config.dense:
+        Budget.parse(config.budget, config.scope)
+    check_model(config)
