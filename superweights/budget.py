@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 SCOPES = ("banks", "model")
@@ -35,49 +36,103 @@ class Budget:
             raise BudgetError("give a budget as exactly one of params=N or fraction=F")
         if self.scope not in SCOPES:
             raise BudgetError(f"unknown budget scope {self.scope!r}; choose one of {SCOPES}")
-        if self.params is not None and not (
-            math.isfinite(self.params) and int(self.params) == self.params and self.params > 0
-        ):
-            raise BudgetError(f"params must be a positive whole number, got {self.params}")
-        if self.fraction is not None and not (math.isfinite(self.fraction) and self.fraction > 0):
-            raise BudgetError(f"fraction must be positive and finite, got {self.fraction}")
+        if self.params is not None:
+            _check_amount("params", self.params, "a count of parameters, e.g. params=50_000")
+            if int(self.params) != self.params:
+                raise BudgetError(f"params must be a whole number, got {self.params}")
+        else:
+            _check_amount("fraction", self.fraction, "a fraction of the model, e.g. fraction=0.1")
+            if self.fraction > 1:
+                raise BudgetError(
+                    f"a budget of {self.fraction:.2%} is above the model's own size; give at "
+                    "most 100%, or train the full model without sharing (npas train --dense)"
+                )
 
     def resolve(self, reference: int) -> int:
-        """Budget in parameters, given the full model's size in this scope."""
-        if self.params is not None:
-            return int(self.params)
-        return int(self.fraction * reference)
+        """Budget in parameters, given the full model's size in this scope.
+
+        Raises `BudgetError` above `reference`: nothing is left to share there.
+        """
+        fraction = self.fraction
+        params = int(self.params) if fraction is None else int(fraction * reference)
+        if params > reference:
+            raise BudgetError(
+                f"a budget of {self.describe()} is above the model's own size, {reference:,} "
+                f"parameters in {self.scope} scope; give at most that (100%), or train the "
+                "full model without sharing (npas train --dense)"
+            )
+        return params
 
     def describe(self) -> str:
-        amount = f"{self.params:,}" if self.params is not None else f"{self.fraction:.2%}"
+        amount = f"{int(self.params):,}" if self.params is not None else f"{self.fraction:.2%}"
         return f"{amount} ({self.scope} scope)"
 
     @classmethod
     def parse(cls, text: str, scope: str = "banks") -> Budget:
-        """`"10%"` or `"0.1"` -> a fraction; `"250000"` or `"250k"`, `"1.5M"` -> a count."""
+        """`"10%"` or `"0.1"` -> a fraction; `"250000"` or `"250k"`, `"1.5M"` -> a count.
+
+        A bare number up to 1 is a fraction and a whole number above 1 a count;
+        one between (`"1.5"`) is refused as ambiguous.
+        """
+        if not isinstance(text, str):
+            raise BudgetError(f"Budget.parse reads text such as '10%' or '250k', got {text!r}")
         cleaned = text.strip().lower().replace(",", "").replace("_", "")
-
-        def number(digits: str) -> float:
-            value = float(digits)
-            if not math.isfinite(value):
-                raise ValueError(f"not a finite number: {digits!r}")
-            return value
-
+        factor, kind = 1.0, None
+        if cleaned.endswith("%"):
+            cleaned, factor, kind = cleaned[:-1], 0.01, "fraction"
+        elif cleaned[-1:] in COUNT_SUFFIXES:
+            cleaned, factor, kind = cleaned[:-1], COUNT_SUFFIXES[cleaned[-1]], "params"
         try:
-            if cleaned.endswith("%"):
-                return cls(fraction=number(cleaned[:-1]) / 100, scope=scope)
-            for suffix, factor in (("k", 1e3), ("m", 1e6), ("g", 1e9)):
-                if cleaned.endswith(suffix):
-                    return cls(params=round(number(cleaned[:-1]) * factor), scope=scope)
-            value = number(cleaned)
-        except (ValueError, OverflowError) as error:
+            value = float(cleaned)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
             raise BudgetError(
                 f"cannot read budget {text!r}: use a fraction (0.1), a percentage (10%) "
                 "or a parameter count (250000, 250k, 1.5M)"
-            ) from error
-        if value <= 1:
-            return cls(fraction=value, scope=scope)
-        return cls(params=round(value), scope=scope)
+            )
+        value *= factor
+        if not math.isfinite(value):
+            raise BudgetError(f"budget {text!r} is too large to be a number of parameters")
+        if kind is None:
+            if value > 1 and value != round(value):
+                raise BudgetError(
+                    f"budget {text!r} is ambiguous: write a percentage ({value * 100:g}%) or "
+                    f"a whole count ({round(value)})"
+                )
+            kind = "fraction" if value <= 1 else "params"
+        if kind == "params":
+            value = round(value)
+        if value <= 0:
+            sign = "zero" if value == 0 else "negative"
+            rounded = " once rounded to whole parameters" if kind == "params" else ""
+            raise BudgetError(
+                f"budget {text!r} is {sign}{rounded}: give a positive fraction (0.1), "
+                "percentage (10%) or parameter count (250k)"
+            )
+        try:
+            return cls(**{kind: value}, scope=scope)
+        except BudgetError as error:
+            raise BudgetError(f"budget {text!r}: {error}") from None
+
+
+COUNT_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
+"""Suffixes of parameter counts in `Budget.parse`: thousands, millions, billions."""
+
+
+def _check_amount(name: str, value, example: str) -> None:
+    """A budget amount is a real number, finite and positive."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BudgetError(
+            f"{name} must be a number, got {value!r} ({type(value).__name__}); give {example}, "
+            "or read text with Budget.parse('10%')"
+        )
+    if not math.isfinite(value):
+        raise BudgetError(f"{name} must be finite, got {value}")
+    if value <= 0:
+        raise BudgetError(
+            f"{name} must be positive, got {value} ({'zero' if value == 0 else 'negative'})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ then the cropped last one), whatever the number of blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,44 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32) -> dict:
             bank["partial"][spec.key] = std * jax.random.normal(k_partial, (spec.partial,), dtype)
         bank["coefficients"][spec.key] = _coefficient_rows(spec, k_coefficients).astype(dtype)
     return bank
+
+
+def bank_shapes(plan: Plan) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The shape of every bank entry `init_bank` makes for `plan`, by part and bank key."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {"templates": {}, "partial": {}}
+    shapes["coefficients"] = {}
+    for spec in plan.banks:
+        shapes["templates"][spec.key] = (spec.templates, spec.size)
+        if spec.partial:
+            shapes["partial"][spec.key] = (spec.partial,)
+        shapes["coefficients"][spec.key] = spec.coefficient_shape
+    return shapes
+
+
+def check_bank(plan: Plan, bank) -> None:
+    """Raises `ValueError` naming the first bank entry whose shape is not the plan's.
+
+    Params made for another plan (another budget, another search result) fail
+    here with the entry and both shapes, rather than deep inside composition.
+    """
+    advice = "these params belong to another plan: use the plan they were trained with"
+    if not isinstance(bank, Mapping):
+        raise ValueError(f"params['bank'] is a {type(bank).__name__}, not a bank; {advice}")
+    for part, expected in bank_shapes(plan).items():
+        given = bank.get(part, {})
+        for key, shape in expected.items():
+            if key not in given:
+                raise ValueError(
+                    f"the params have no bank entry {part}/{key} {list(shape)}; {advice}"
+                )
+            if tuple(np.shape(given[key])) != shape:
+                raise ValueError(
+                    f"bank entry {part}/{key} is {list(np.shape(given[key]))} in the params "
+                    f"but {list(shape)} in the plan; {advice}"
+                )
+        extra = sorted(set(given) - set(expected))
+        if extra:
+            raise ValueError(f"bank entry {part}/{extra[0]} is not in the plan; {advice}")
 
 
 def _coefficient_rows(spec: BankSpec, key: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ import numpy as np
 
 from superweights import tree
 from superweights.budget import SUBLAYER_TEMPLATES, Budget
-from superweights.compose import compose_kernels, init_bank
+from superweights.compose import check_bank, compose_kernels, init_bank
 from superweights.members import (
     Inputs,
     Member,
@@ -145,8 +145,28 @@ class BudgetedModel:
         params = {"bank": bank, "unshared": unshared}
         return params, {m.name: m.state for m in self.members}
 
+    def check_params(self, params) -> None:
+        """Raises `ValueError` naming the first entry of `params` that is not this plan's."""
+        if not isinstance(params, Mapping) or set(params) != {"bank", "unshared"}:
+            raise ValueError(
+                "params are {'bank': ..., 'unshared': ...} as BudgetedModel.init returns them, "
+                f"got {type(params).__name__}"
+                + (f" with keys {sorted(params)}" if isinstance(params, Mapping) else "")
+            )
+        check_bank(self.plan, params["bank"])
+        for spec in self.plan.unshared:
+            given = params["unshared"].get(spec.member, {}).get(spec.path)
+            shape = None if given is None else tuple(np.shape(given))
+            if shape != spec.shape:
+                found = "missing" if shape is None else list(shape)
+                raise ValueError(
+                    f"unshared param {spec.member}:{spec.path} is {found} in the params but "
+                    f"{list(spec.shape)} in the plan; these params belong to another plan"
+                )
+
     def member_params(self, params: dict) -> dict[str, Any]:
         """`{member: params pytree}` exactly as each unmodified model expects."""
+        self.check_params(params)
         kernels = compose_kernels(self.plan, params["bank"])
         return {
             m.name: tree.unflatten_like(

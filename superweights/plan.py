@@ -313,23 +313,185 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        raw = json.loads(text)
-        return cls(
-            layers=tuple(LayerSpec(**_tuples(x)) for x in raw["layers"]),
-            unshared=tuple(ParamSpec(**_tuples(x)) for x in raw["unshared"]),
-            clusters=tuple(
-                Cluster(c["name"], tuple(c["spatial"]), tuple(c["layers"]), _shapes(c["chain"]))
-                for c in raw["clusters"]
+        """The plan `to_json` wrote; `PlanError` names what is missing, wrong or inconsistent."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PlanError(f"a plan is JSON text, and this is not ({error})") from None
+        if not isinstance(raw, dict):
+            raise PlanError(f"a plan is a JSON object, got a {type(raw).__name__}")
+        missing = [name for name in PLAN_FIELDS if name not in raw]
+        if missing:
+            raise PlanError(
+                f"the plan has no field {', '.join(map(repr, missing))}; it needs "
+                f"{', '.join(PLAN_FIELDS)} (write plans with Plan.to_json)"
+            )
+        plan = cls(
+            layers=_records(raw, "layers", lambda x: LayerSpec(**_tuples(x))),
+            unshared=_records(raw, "unshared", lambda x: ParamSpec(**_tuples(x))),
+            clusters=_records(
+                raw,
+                "clusters",
+                lambda c: Cluster(
+                    c["name"], tuple(c["spatial"]), tuple(c["layers"]), _shapes(c["chain"])
+                ),
             ),
-            coefficients=tuple((i, tuple(g)) for i, g in raw["coefficients"]),
-            banks=tuple(BankSpec(**_tuples(b)) for b in raw["banks"]),
-            budget=Budget(**raw["budget"]),
-            budget_params=raw["budget_params"],
-            leftover=raw["leftover"],
-            paper_templates=tuple(raw["paper_templates"]),
-            sublayer_templates=raw.get("sublayer_templates", SUBLAYER_TEMPLATES),
-            reserve_unsharing=raw.get("reserve_unsharing", False),
+            coefficients=_records(raw, "coefficients", lambda x: (x[0], tuple(x[1]))),
+            banks=_records(raw, "banks", lambda b: BankSpec(**_tuples(b))),
+            budget=_field(raw, "budget", lambda b: Budget(**b)),
+            budget_params=_field(raw, "budget_params", _whole),
+            leftover=_field(raw, "leftover", _whole),
+            paper_templates=_field(raw, "paper_templates", lambda t: tuple(map(_whole, t))),
+            sublayer_templates=_field(raw, "sublayer_templates", _whole, SUBLAYER_TEMPLATES),
+            reserve_unsharing=_field(raw, "reserve_unsharing", bool, False),
         )
+        try:
+            check_plan(plan)
+        except TypeError as error:  # a field of the wrong type, met while checking
+            raise PlanError(f"the plan holds a value of the wrong type: {error}") from None
+        return plan
+
+
+class PlanError(ValueError):
+    """A plan that does not hold together: a damaged, hand-edited or foreign plan."""
+
+
+PLAN_FIELDS = (
+    "layers",
+    "unshared",
+    "clusters",
+    "coefficients",
+    "banks",
+    "budget",
+    "budget_params",
+    "leftover",
+    "paper_templates",
+)
+"""The fields every plan's JSON holds (the others have defaults)."""
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a whole number, got {value!r}")
+    return value
+
+
+def _field(raw: dict, name: str, read, default=None):
+    """`read(raw[name])`, or `default` if absent; a malformed value is named."""
+    if name not in raw:
+        return default
+    try:
+        return read(raw[name])
+    except (TypeError, KeyError, ValueError, IndexError) as error:
+        raise PlanError(f"the plan's field {name!r} is malformed: {error}") from None
+
+
+def _records(raw: dict, name: str, read) -> tuple:
+    """`read` of every record of the list `raw[name]`; a malformed one is named by index."""
+    records = raw[name]
+    if not isinstance(records, list):
+        raise PlanError(f"the plan's field {name!r} is a list, got {type(records).__name__}")
+    read_all = []
+    for index, record in enumerate(records):
+        try:
+            read_all.append(read(record))
+        except (TypeError, KeyError, ValueError, IndexError) as error:
+            raise PlanError(f"the plan's {name}[{index}] is malformed: {error!r}") from None
+    return tuple(read_all)
+
+
+def check_plan(plan: Plan) -> None:
+    """Raises `PlanError` unless `plan` is one `make_plan` (or the search) could have made.
+
+    Checks that every layer is in exactly one cluster whose chain holds its
+    shape, that its coefficient groups reach its level, that the banks are
+    those of the clusters' levels with the groups that use them, and that the
+    plan spends no more than its budget.
+    """
+    ids = [layer.id for layer in plan.layers]
+    if len(set(ids)) != len(ids):
+        raise PlanError(f"the plan lists layer {_first_repeat(ids)!r} twice")
+    clustered = [layer_id for c in plan.clusters for layer_id in c.layers]
+    if len(set(clustered)) != len(clustered):
+        raise PlanError(f"layer {_first_repeat(clustered)!r} is in two of the plan's clusters")
+    if set(clustered) != set(ids):
+        odd = sorted(set(clustered) ^ set(ids))[0]
+        where = "in a cluster but not among the layers" if odd in clustered else "in no cluster"
+        raise PlanError(f"layer {odd!r} is {where}")
+    groups = plan.groups_of
+    if len(plan.coefficients) != len(groups) or set(groups) != set(ids):
+        raise PlanError("the plan's coefficients must name every layer exactly once")
+    expected_banks: dict[tuple[str, int], tuple[int, set, int]] = {}
+    for cluster in plan.clusters:
+        levels = cluster.levels
+        for layer_id in cluster.layers:
+            layer = plan.layer[layer_id]
+            if layer.spatial != cluster.spatial or layer.matrix not in cluster.chain:
+                raise PlanError(
+                    f"layer {layer_id!r} of shape {list(layer.shape)} does not fit its cluster "
+                    f"{cluster.name!r} (spatial {list(cluster.spatial)}, chain "
+                    f"{[list(s) for s in cluster.chain]})"
+                )
+            level = cluster.level_of(layer)
+            if len(groups[layer_id]) != level + 1:
+                raise PlanError(
+                    f"layer {layer_id!r} reaches level {level} of {cluster.name!r} and needs "
+                    f"{level + 1} coefficient groups, the plan gives {len(groups[layer_id])}"
+                )
+            for depth in range(level + 1):
+                piece, names, users = expected_banks.get(
+                    (cluster.name, depth), (levels[depth].piece_size, set(), 0)
+                )
+                names.add(groups[layer_id][depth])
+                expected_banks[cluster.name, depth] = (piece, names, users + 1)
+    for bank in plan.banks:
+        key = (bank.cluster, bank.level)
+        if key not in expected_banks:
+            raise PlanError(f"bank {bank.key!r} belongs to no level of the plan's clusters")
+        piece, names, users = expected_banks.pop(key)
+        size_ok = 0 <= bank.template_size <= piece and 0 <= bank.partial < bank.size
+        if (bank.piece_size, set(bank.groups), bank.users) != (piece, names, users) or not (
+            bank.templates >= 0 and bank.num_templates >= 1 and size_ok
+        ):
+            raise PlanError(
+                f"bank {bank.key!r} does not match its level: piece {bank.piece_size} "
+                f"(expected {piece}), {bank.users} users (expected {users}), "
+                f"{bank.templates} templates of {bank.size} entries, partial {bank.partial}"
+            )
+    if expected_banks:
+        cluster, level = next(iter(expected_banks))
+        raise PlanError(f"the plan has no bank for level {level} of cluster {cluster!r}")
+    check_plan_budget(plan)
+
+
+def check_plan_budget(plan: Plan) -> None:
+    """The plan's budget is what its budget resolves to, and it spends no more."""
+    fixed = plan.unshared_params if plan.budget.scope == "model" else 0
+    reference = sum(layer.size for layer in plan.layers) + fixed
+    try:
+        resolved = plan.budget.resolve(reference)
+    except BudgetError as error:
+        raise PlanError(f"the plan's budget does not fit its model: {error}") from None
+    if plan.budget_params != resolved:
+        raise PlanError(
+            f"the plan's budget_params {plan.budget_params:,} is not its budget "
+            f"{plan.budget.describe()} of a model of {reference:,} parameters ({resolved:,})"
+        )
+    if plan.spent + plan.reserved > plan.budget_params:
+        raise PlanError(
+            f"the plan spends {plan.spent:,} parameters (+ {plan.reserved:,} reserved) against a "
+            f"budget of {plan.budget_params:,} ({plan.budget.scope} scope); its templates were "
+            "changed after planning: make the plan again with make_plan or superweights.budgeted"
+        )
+
+
+def _first_repeat(items: Sequence[str]) -> str:
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    raise ValueError("no repeat")
 
 
 def _tuples(record: dict) -> dict:

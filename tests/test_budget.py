@@ -34,9 +34,51 @@ def test_budget_rejects_bad_arguments(kwargs):
 def test_budget_is_a_value_error_and_accepts_valid_forms():
     assert issubclass(BudgetError, ValueError)
     assert Budget(params=100).params == 100
-    assert Budget(params=100.0).resolve(1) == 100  # a whole float is a count
+    assert Budget(params=100.0).resolve(100) == 100  # a whole float is a count
     assert Budget(fraction=0.1, scope="model").scope == "model"
-    assert Budget(fraction=2.0).resolve(50) == 100  # above the dense size is allowed
+    assert Budget(fraction=1.0).resolve(50) == 50  # the whole model is a budget
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"params": "1000"}, r"params must be a number, got '1000' \(str\).*Budget.parse"),
+        ({"params": True}, r"params must be a number, got True \(bool\)"),
+        ({"fraction": "10%"}, r"fraction must be a number, got '10%' \(str\)"),
+        ({"params": 0}, r"params must be positive, got 0 \(zero\)"),
+        ({"fraction": -0.5}, r"fraction must be positive, got -0.5 \(negative\)"),
+        ({"fraction": 1.5}, r"150.00% is above the model's own size.*--dense"),
+    ],
+)
+def test_budget_says_what_is_wrong_with_its_arguments(kwargs, message):
+    with pytest.raises(BudgetError, match=message):
+        Budget(**kwargs)
+
+
+def test_a_budget_above_the_model_is_refused_naming_its_size():
+    assert Budget(params=50).resolve(50) == 50
+    with pytest.raises(BudgetError, match=r"above the model's own size, 50 parameters in model"):
+        Budget(params=51, scope="model").resolve(50)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0%", "budget '0%' is zero: give a positive"),
+        ("0", "budget '0' is zero"),
+        ("0.0001k", "budget '0.0001k' is zero once rounded to whole parameters"),
+        ("-5000", "budget '-5000' is negative"),
+        ("-5%", "budget '-5%' is negative"),
+        ("-3k", "budget '-3k' is negative"),
+        ("1.5", r"budget '1.5' is ambiguous: write a percentage \(150%\) or a whole count \(2\)"),
+        ("2.6", r"write a percentage \(260%\) or a whole count \(3\)"),
+        ("150%", "above the model's own size"),
+        ("lots", "cannot read budget 'lots'"),
+    ],
+)
+def test_budget_parse_names_what_it_read(text, message):
+    with pytest.raises(BudgetError, match=message):
+        Budget.parse(text)
 
 
 def test_budget_resolve():
@@ -64,8 +106,9 @@ def test_budget_describe():
         ("250000", 250_000, None),
         ("250,000", 250_000, None),
         ("250_000", 250_000, None),
-        ("2.4", 2, None),  # > 1 reads as a count, rounded to the nearest
-        ("2.6", 3, None),
+        ("2", 2, None),  # a whole number above 1 is a count
+        ("1e6", 1_000_000, None),
+        ("1", None, 1.0),  # up to 1 a fraction: the whole model
     ],
 )
 def test_budget_parse(text, params, fraction):
@@ -111,7 +154,32 @@ def test_budget_parse_returns_a_valid_budget_or_budget_error(text):
     if budget.params is not None:
         assert isinstance(budget.params, int) and budget.params > 0
     else:
-        assert 0 < budget.fraction < math.inf
+        assert 0 < budget.fraction <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-(10**13), 10**13),
+    ),
+    st.sampled_from(["", "%", "k", "M", "g"]),
+)
+def test_budget_parse_of_numbers_is_a_budget_or_says_why(value, suffix):
+    """Every number in every form reads as the budget it names, or as a one-line refusal."""
+    text = f"{value}{suffix}"
+    try:
+        budget = Budget.parse(text)
+    except BudgetError as error:
+        message = str(error)
+        assert "\n" not in message and repr(text) in message
+        return
+    scale = {"": 1, "%": 0.01, "k": 1e3, "M": 1e6, "g": 1e9}[suffix]
+    amount = float(value) * scale
+    if budget.fraction is not None:
+        assert budget.fraction == pytest.approx(amount) and 0 < budget.fraction <= 1
+    else:
+        assert budget.params == round(amount) >= 1
 
 
 # --- allocate: the paper's two-phase rule, worked by hand -----------------------------------

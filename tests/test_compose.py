@@ -37,6 +37,13 @@ def two_level_layers():
     return chain_specs("m", [((3, 3), 2, 4), ((3, 3), 4, 8)])
 
 
+def partial_template_layers():
+    # two_level_layers with a second layer at level 0: dense 72 + 72 + 288 = 432, and one
+    # template per level (72 + 216 = 288) leaves room for a second 72-entry template at level
+    # 0 (3 users) plus a partial one
+    return chain_specs("m", [((3, 3), 2, 4), ((3, 3), 2, 4), ((3, 3), 4, 8)])
+
+
 def random_bank(plan, seed=0) -> dict:
     """A bank of standard normal entries (cheaper than `init_bank`'s orthogonal rows)."""
     rng = np.random.default_rng(seed)
@@ -117,7 +124,7 @@ def test_compose_crops_by_hand():
 
 
 def test_superweights_are_coefficients_times_templates_with_padded_partial():
-    layers = two_level_layers()
+    layers = partial_template_layers()
     # 72 + 216 minimum + 100: level 0 gets a second template and a 28-entry partial one
     plan = plan_for(layers, Budget(params=72 + 216 + 100))
     spec = plan.banks[0]
@@ -129,7 +136,8 @@ def test_superweights_are_coefficients_times_templates_with_padded_partial():
     np.testing.assert_array_equal(matrix[2, :28], bank["partial"]["c0_l0"])
     np.testing.assert_array_equal(matrix[2, 28:], np.zeros(72 - 28))
     pieces = superweights(plan, bank)
-    assert pieces["c0_l0"].shape == (2, 72) and pieces["c0_l1"].shape == (1, 216)
+    # own coefficients: one row per layer reading the level (l0, l1, l2 at level 0; l2 at 1)
+    assert pieces["c0_l0"].shape == (3, 72) and pieces["c0_l1"].shape == (1, 216)
     np.testing.assert_allclose(
         pieces["c0_l0"], bank["coefficients"]["c0_l0"] @ matrix, rtol=1e-6, atol=1e-7
     )
@@ -139,9 +147,14 @@ def test_superweights_are_coefficients_times_templates_with_padded_partial():
 
 
 def test_init_bank_initialises_every_entry():
-    layers = chain_specs("m", [((3, 3), 2, 4), ((3, 3), 4, 8), ((3, 3), 4, 8), ((1, 1), 4, 8)])
-    plan = plan_for(layers, Budget(params=3000), bins=2)
-    assert any(b.partial for b in plan.banks)
+    kernels = [((3, 3), 2, 4)] + [((3, 3), 4, 8)] * 3 + [((1, 1), 4, 8)] * 2
+    layers = chain_specs("m", kernels)
+    # dense 72 + 3 * 288 + 2 * 32 = 1000, banks: 1x1 (32, 2 users), 3x3 level 0 (72, 4 users)
+    # and level 1 (216, 3 users). 900 - 320 for one template each = 580 buys 32 + 72 + 216,
+    # 72, 72 up to the users, then 32 + 72 up to the cap, and a 12-entry partial of the 1x1:
+    # templates (3, 5, 2), several coefficient rows per bank
+    plan = plan_for(layers, Budget(params=900), bins=2)
+    assert [(b.templates, b.partial) for b in plan.banks] == [(3, 12), (5, 0), (2, 0)]
     bank = init_bank(plan, jax.random.key(3))
     assert set(bank["templates"]) == {b.key for b in plan.banks}
     assert set(bank["partial"]) == {b.key for b in plan.banks if b.partial}
@@ -164,7 +177,7 @@ def test_init_bank_initialises_every_entry():
 
 
 def test_init_bank_depends_on_the_key_and_dtype():
-    plan = plan_for(two_level_layers(), Budget(params=1000))
+    plan = plan_for(two_level_layers(), Budget(fraction=1.0))
     a, b = init_bank(plan, jax.random.key(0)), init_bank(plan, jax.random.key(1))
     assert not np.allclose(a["templates"]["c0_l0"], b["templates"]["c0_l0"])
     again = init_bank(plan, jax.random.key(0))
@@ -197,7 +210,7 @@ def test_composed_shapes_and_dtypes_match_the_model(param_dtype):
 
 
 def test_gradients_reach_templates_partial_templates_and_coefficients():
-    layers = two_level_layers()
+    layers = partial_template_layers()
     plan = plan_for(layers, Budget(params=72 + 216 + 100))
     bank = jax.jit(init_bank, static_argnums=0)(plan, jax.random.key(0))
     targets = {x.id: jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(layers)}
@@ -220,7 +233,8 @@ def test_gradients_reach_templates_partial_templates_and_coefficients():
 
 def test_shared_coefficients_nest_the_smaller_kernel_in_the_larger():
     layers = two_level_layers()
-    plan = plan_for(layers, Budget(params=2 * 288), shared=True)
+    # the whole model, 360: 72 above one template per level buys level 0 a second one
+    plan = plan_for(layers, Budget(fraction=1.0), shared=True)
     assert plan.banks[0].num_templates > 1
     weights = compose(plan, init_bank(plan, jax.random.key(0)))
     small, big = weights["m:l0.kernel"], weights["m:l1.kernel"]
@@ -231,7 +245,7 @@ def test_shared_coefficients_nest_the_smaller_kernel_in_the_larger():
 
 def test_own_coefficients_do_not_nest():
     layers = two_level_layers()
-    plan = plan_for(layers, Budget(params=2 * 288), shared=False)
+    plan = plan_for(layers, Budget(fraction=1.0), shared=False)
     assert plan.banks[0].num_templates > 1
     weights = compose(plan, init_bank(plan, jax.random.key(0)))
     difference = weights["m:l0.kernel"] - weights["m:l1.kernel"][..., :2, :4]
@@ -240,7 +254,9 @@ def test_own_coefficients_do_not_nest():
 
 def test_compose_under_jit_equals_eager():
     layers = chain_specs("m", [((3, 3), 3, 4), ((3, 3), 4, 8), ((1, 1), 4, 8), ((3, 3), 8, 8)])
-    plan = plan_for(layers, Budget(params=2500), bins=2)
+    # dense 1004; 95% buys the 1x1 bank a second template and a partial one
+    plan = plan_for(layers, Budget(fraction=0.95), bins=2)
+    assert any(b.partial for b in plan.banks)
     bank = random_bank(plan)
     eager = compose(plan, bank)
     jitted = jax.jit(compose, static_argnums=0)(plan, bank)
@@ -263,7 +279,8 @@ def test_composed_shapes_and_nesting_hold_for_random_chains(kernels, bins, extra
     layers = chain_specs("m", kernels)
     clusters = initial_clusters(layers, bins)
     minimum = sum(level.piece_size for c in clusters for level in c.levels)
-    plan = plan_for(layers, Budget(params=minimum + extra), bins=bins, shared=True)
+    dense = sum(layer.size for layer in layers)
+    plan = plan_for(layers, Budget(params=min(minimum + extra, dense)), bins=bins, shared=True)
     weights = jax.jit(compose, static_argnums=0)(plan, random_bank(plan))
     for layer in layers:
         assert weights[layer.id].shape == layer.shape

@@ -124,18 +124,20 @@ def tiny_plan():
     ]
     clusters = initial_clusters(layers, bins=1)
     coefficients = own_coefficients(clusters, layers)
-    return make_plan(layers, [], clusters, coefficients, Budget(params=252))
+    return make_plan(layers, [], clusters, coefficients, Budget(params=180))
 
 
 def test_compose_flops_of_a_tiny_plan_by_hand():
     plan = tiny_plan()
     # Size chain (out, in): (4, 2) then (4, 4). Level 0 builds [4, 2]: 9 * 4 * 2 = 72 entries,
     # read by both layers (own coefficients: 2 groups). Level 1 adds 2 input columns for 4
-    # rows: 9 * 4 * 2 = 72 entries, read by l1 only (1 group). A budget of 252 template
-    # entries buys level 0 two templates and a partial one of 36 (3 rows), level 1 one.
+    # rows: 9 * 4 * 2 = 72 entries, read by l1 only (1 group). A budget of 180 template
+    # entries (of the model's 72 + 144 = 216) buys one template per level and a partial one
+    # of 36 (3 rows) at level 0, the first bank of those the 36 left could go to.
     banks = [(b.piece_size, b.templates, b.partial, len(b.groups)) for b in plan.banks]
-    assert banks == [(72, 2, 36, 2), (72, 1, 0, 1)]
-    hand = 2 * 2 * 3 * 72 + 2 * 1 * 1 * 72  # 2 * groups * num_templates * L per bank = 1008
+    assert banks == [(72, 1, 36, 2), (72, 1, 0, 1)]
+    # the partial template is multiplied like a whole one: level 0 has 2 templates
+    hand = 2 * 2 * 2 * 72 + 2 * 1 * 1 * 72  # 2 * groups * num_templates * L per bank = 720
     assert compose_flops(plan) == hand
     # XLA turns level 1's single-template product into an elementwise one (72, not 144 FLOPs):
     # the same order of magnitude, slightly below the multiply-add count.

@@ -211,7 +211,7 @@ def test_report_mentions_every_cluster_and_the_totals(linen_budgeted):
 
 def test_budgeted_members_share_one_bank(images):
     models = {"small": TinyCNN(nnx.Rngs(0)), "wide": TinyCNN(nnx.Rngs(1), width=8)}
-    model = budgeted(models, Budget(params=3000), sample_input=images, bins=1)
+    model = budgeted(models, Budget(fraction=1.0), sample_input=images, bins=1)
     assert model.plan.members == ("small", "wide")
     # the wide member's conv (16, 8) is the top of the chain; both stems are at the bottom
     assert model.plan.clusters[1].chain == ((4, 3), (8, 3), (8, 4), (16, 8))
@@ -234,7 +234,7 @@ class Mlp(nnx.Module):
 
 def test_a_member_without_shared_layers_may_come_first(images):
     models = {"mlp": Mlp(nnx.Rngs(0)), "cnn": TinyCNN(nnx.Rngs(1))}
-    model = budgeted(models, Budget(params=500), sample_input=images, bins=1)
+    model = budgeted(models, Budget(fraction=1.0), sample_input=images, bins=1)
     assert {x.member for x in model.plan.layers} == {"cnn"}
     params, state = model.init(jax.random.key(0))
     logits, _ = model.apply(params, state, images)

@@ -20,7 +20,7 @@ DARK_BLUE = np.array([0.020, 0.188, 0.380])
 def search_plan(layers, bins):
     clusters = initial_clusters(layers, bins)
     coefficients = cluster_coefficients(clusters, layers)
-    return make_plan(layers, [], clusters, coefficients, Budget(params=100_000), fill=False)
+    return make_plan(layers, [], clusters, coefficients, Budget(fraction=1.0), fill=False)
 
 
 def two_members():

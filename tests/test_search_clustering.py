@@ -50,7 +50,7 @@ def search_plan(layers, budget=None, unshared=(), bins=1, sublayer_templates=0):
     """The search model's plan; the paper's geometry only unless `sublayer_templates`."""
     clusters = initial_clusters(layers, bins)
     coefficients = cluster_coefficients(clusters, layers)
-    budget = budget or Budget(params=100_000)
+    budget = budget or Budget(fraction=1.0)
     return make_plan(
         layers,
         list(unshared),
@@ -221,7 +221,7 @@ def test_search_counts_coefficients_and_unshared_params_in_model_scope():
 def test_minimum_budget_agrees_with_the_plan():
     layers = chain_specs("net", [((3, 3), 3, 4), ((3, 3), 4, 8), ((3, 3), 8, 8), ((1, 1), 4, 8)])
     for scope in ("banks", "model"):
-        plan = search_plan(layers, Budget(params=100_000, scope=scope), norm_params(layers), 2)
+        plan = search_plan(layers, Budget(fraction=1.0, scope=scope), norm_params(layers), 2)
         assert clusters_minimum_budget(plan, plan.clusters, plan.coefficients) == (
             plan.minimum_budget
         )
@@ -258,7 +258,7 @@ def test_search_result_makes_a_plan_that_composes_the_model_shapes():
     layers = mixed_layers()
     unshared = norm_params(layers)
     plan = search_plan(layers, unshared=unshared, bins=2)
-    budget = Budget(params=20_000)
+    budget = Budget(fraction=1.0)
     result = search_clusters(plan, mixed_gradients(layers), budget)
     final = searched_plan(plan, result, budget)
     assert {c.name for c in final.clusters} == {c for _, c in result.assignment}
@@ -270,7 +270,7 @@ def test_search_result_makes_a_plan_that_composes_the_model_shapes():
 def test_search_result_round_trips_through_json():
     layers = mixed_layers()
     plan = search_plan(layers, bins=2)
-    result = search_clusters(plan, mixed_gradients(layers), Budget(params=20_000))
+    result = search_clusters(plan, mixed_gradients(layers), Budget(fraction=1.0))
     again = SearchResult.from_json(result.to_json())
     assert again == result
     np.testing.assert_array_equal(again.similarities[0].array, result.similarities[0].array)
@@ -280,8 +280,8 @@ def test_search_result_round_trips_through_json():
 def test_search_is_deterministic():
     layers = mixed_layers()
     plan = search_plan(layers, bins=2)
-    first = search_clusters(plan, mixed_gradients(layers), Budget(params=20_000))
-    second = search_clusters(plan, mixed_gradients(layers), Budget(params=20_000))
+    first = search_clusters(plan, mixed_gradients(layers), Budget(fraction=1.0))
+    second = search_clusters(plan, mixed_gradients(layers), Budget(fraction=1.0))
     assert first == second
     assert first.to_json() == second.to_json()
 

@@ -27,7 +27,7 @@ BIG = [((3, 3), 8, 8)] * 4
 def plan_of(layers, bins=1):
     clusters = initial_clusters(layers, bins)
     coefficients = cluster_coefficients(clusters, layers)
-    return make_plan(layers, [], clusters, coefficients, Budget(params=50_000), fill=False)
+    return make_plan(layers, [], clusters, coefficients, Budget(fraction=1.0), fill=False)
 
 
 def leader_gradients(seed=0):
@@ -118,7 +118,7 @@ def test_build_clusters_shares_the_matched_layers_coefficients():
     # c0_0's chain is (8, 8), (16, 8): the small layer is above its target's level.
     assert groups["small:l1.kernel"] == ("big:l0.kernel", "small:l1.kernel")
 
-    final = make_plan(layers, [], clusters, coefficients, Budget(params=20_000))
+    final = make_plan(layers, [], clusters, coefficients, Budget(fraction=1.0))
     weights = compose(final, init_bank(final, jax.random.key(0)))
     assert {i: w.shape for i, w in weights.items()} == {x.id: x.shape for x in layers}
     np.testing.assert_array_equal(weights["small:l0.kernel"], weights["big:l3.kernel"][..., :3, :4])

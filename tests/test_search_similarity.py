@@ -61,7 +61,7 @@ def test_layer_gradients_picks_shared_kernels_by_id():
     layers = chain_specs("net", [((3, 3), 3, 4), ((3, 3), 4, 4)])
     clusters = initial_clusters(layers, 1)
     plan = make_plan(
-        layers, [], clusters, cluster_coefficients(clusters, layers), Budget(params=500)
+        layers, [], clusters, cluster_coefficients(clusters, layers), Budget(fraction=1.0)
     )
     grads = {
         "net": {"l0": {"kernel": np.ones((3, 3, 3, 4))}, "l1": {"kernel": np.zeros((3, 3, 4, 4))}}

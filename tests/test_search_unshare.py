@@ -32,11 +32,13 @@ from superweights.report import budget_report, budget_summary
 # One cluster, chain (8, 8) -> (16, 8): level 0 read by all four layers, level 1 by l3.
 LAYERS = chain_specs("net", [((3, 3), 8, 8)] * 3 + [((3, 3), 8, 16)])
 IDS = [x.id for x in LAYERS]
+DENSE = sum(x.size for x in LAYERS)  # 3 * 576 + 1152 = 2880, the largest budget
 
 
 def shared_plan(budget=None, coefficients=cluster_coefficients, **allocation):
     clusters = initial_clusters(LAYERS, 1)
-    budget = budget or Budget(params=4_000)
+    # 2500 in banks scope: one 576-entry template per level, two more at level 0, 196 left over
+    budget = budget or Budget(params=2_500)
     allocation.setdefault("fill", False)
     return make_plan(LAYERS, [], clusters, coefficients(clusters, LAYERS), budget, **allocation)
 
@@ -142,7 +144,7 @@ def test_unsharing_never_merges_groups():
 
 
 def test_unsharing_over_a_model_scope_budget_raises():
-    loose = shared_plan(Budget(params=10**6, scope="model"))
+    loose = shared_plan(Budget(fraction=1.0, scope="model"))
     tight = shared_plan(Budget(params=loose.minimum_budget, scope="model"))
     grads = layer_coefficient_gradients(tight, init_bank(tight, jax.random.key(0)), targets())
     with pytest.raises(BudgetError, match="budget"):
@@ -161,7 +163,7 @@ def test_a_plan_that_reserves_room_unshares_within_any_budget(sublayer_templates
             **allocation,
         )
 
-    tight = plan_at(plan_at(10**6).minimum_budget, fill=True)
+    tight = plan_at(plan_at(DENSE).minimum_budget, fill=True)
     assert tight.reserve_unsharing and tight.reserved > 0
     # the reserve is what three more level-0 vectors cost: (users - groups) * vector entries
     level0 = tight.banks[0]
@@ -184,12 +186,12 @@ def test_a_plan_that_reserves_room_unshares_within_any_budget(sublayer_templates
 
 
 def test_the_report_shows_the_reserve_as_its_own_line():
-    plan = shared_plan(Budget(params=10**4, scope="model"), reserve_unsharing=True)
+    plan = shared_plan(Budget(fraction=1.0, scope="model"), reserve_unsharing=True)
     text = budget_report(plan)
     assert f"reserved for unsharing{plan.reserved:>18,}" in text
     assert f"reserved {plan.reserved:,} for coefficient unsharing" in text
     assert budget_summary(plan)["reserved_for_unsharing"] == plan.reserved
-    assert "reserved" not in budget_report(shared_plan(Budget(params=10**4, scope="model")))
+    assert "reserved" not in budget_report(shared_plan(Budget(fraction=1.0, scope="model")))
 
 
 # --- copies of coefficients and optimizer state -------------------------------------------------
