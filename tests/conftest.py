@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import jax
@@ -82,3 +84,20 @@ def norm_params(layers: list[LayerSpec]) -> list[ParamSpec]:
         for x in layers
         for leaf in ("scale", "bias")
     ]
+
+
+WALL_CLOCK = ("time", "images_per_second")
+"""Fields of a run's files that differ between two runs of the same settings."""
+
+
+def without_wall_clock(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in WALL_CLOCK}
+
+
+def run_files(out: Path) -> tuple[dict, list[dict], list[dict]]:
+    """summary.json, metrics.jsonl and metrics.csv of a run, wall-clock fields left out."""
+    summary = without_wall_clock(json.loads((out / "summary.json").read_text()))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return summary, [without_wall_clock(r) for r in lines], [without_wall_clock(r) for r in rows]

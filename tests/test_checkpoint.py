@@ -10,11 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_files
 
-from experiments.checkpoint import Checkpoints, Interrupted
+from experiments.checkpoint import CheckpointError, Checkpoints, Interrupted
 from experiments.data import load_digits, subset
 from experiments.models import build_budgeted, create_members
-from experiments.train import LoopConfig, OptimConfig, abstract_train_state, train
+from experiments.train import (
+    LoopConfig,
+    OptimConfig,
+    Phase,
+    Saving,
+    abstract_train_state,
+    train,
+)
 from superweights import Budget
 
 LOOP = LoopConfig(epochs=3, batch_size=32, eval_batch_size=64, seed=3)
@@ -68,8 +76,7 @@ def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
             LOOP,
             OPTIM,
             progress=False,
-            checkpoints=checkpoints,
-            should_stop=stop_after(6),
+            saving=Saving(checkpoints, should_stop=stop_after(6)),
         )  # mid-epoch 2
     state, position, _ = checkpoints.restore_latest(
         lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
@@ -81,8 +88,8 @@ def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
         LOOP,
         OPTIM,
         progress=False,
-        checkpoints=checkpoints,
-        resume=(state, position),
+        phase=Phase(resume=(state, position)),
+        saving=Saving(checkpoints),
     )
 
     assert int(resumed.step) == int(reference.step) == 12
@@ -96,13 +103,13 @@ def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
 def test_checkpoints_are_kept_every_n_epochs_and_pruned(digits, model, tmp_path):
     checkpoints = Checkpoints(tmp_path / "ckpt", keep=2)
     loop = LoopConfig(epochs=4, batch_size=32, eval_batch_size=64)
-    train(model, digits, loop, OPTIM, progress=False, checkpoints=checkpoints, checkpoint_every=1)
+    train(model, digits, loop, OPTIM, progress=False, saving=Saving(checkpoints, every_epochs=1))
     assert checkpoints.steps() == [12, 16]  # 4 steps an epoch; the last two kept
 
 
 def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(digits, model, tmp_path):
     checkpoints = Checkpoints(tmp_path / "ckpt", keep=3)
-    train(model, digits, LOOP, OPTIM, progress=False, checkpoints=checkpoints)
+    train(model, digits, LOOP, OPTIM, progress=False, saving=Saving(checkpoints))
     assert checkpoints.steps() == [4, 8, 12]
     for path in (tmp_path / "ckpt" / "12").rglob("*"):
         if path.is_file():
@@ -128,8 +135,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(digits, model,
             LOOP,
             OPTIM,
             progress=False,
-            checkpoints=checkpoints,
-            interventions={2: poison},
+            phase=Phase(interventions={2: poison}),
+            saving=Saving(checkpoints),
         )
     assert checkpoints.steps() == [4]
     state, _, _ = checkpoints.restore_latest(
@@ -206,10 +213,10 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_res
 def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    from experiments import cli
+    from experiments import cli, run
 
     argv = npas_command(tmp_path / "x")[3:-2]  # "train" and its options, no output dir
-    whole = cli.run_training(
+    whole = run.run_training(
         cli.config_from_args(cli.parse_args([*argv, "--output-dir", str(tmp_path / "whole")])),
         progress=False,
         log=lambda _: None,
@@ -222,15 +229,15 @@ def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_p
     def stop_in_the_search_phase():
         yield stop_after(10)  # the search phase is 16 steps (1 epoch of 512 / 32)
 
-    monkeypatch.setattr(cli, "stop_requests", stop_in_the_search_phase)
+    monkeypatch.setattr(run, "stop_requests", stop_in_the_search_phase)
     with pytest.raises(Interrupted, match="step 10"):
-        cli.run_training(config, progress=False, log=lambda _: None)
+        run.run_training(config, progress=False, log=lambda _: None)
     assert Checkpoints(out / "search_checkpoints").steps() == [10]
     assert not Checkpoints(out / "checkpoints").steps()
     monkeypatch.undo()
 
     lines = []
-    resumed = cli.run_training(config, progress=False, log=lines.append)
+    resumed = run.run_training(config, progress=False, log=lines.append)
     assert any(line.startswith("resuming the search phase from step 10") for line in lines)
     for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
         assert resumed[key] == whole[key], key
@@ -247,9 +254,7 @@ def test_checkpoints_every_n_steps_land_mid_epoch_and_resume_exactly(digits, mod
         LOOP,
         OPTIM,
         progress=False,
-        checkpoints=checkpoints,
-        checkpoint_every=0,
-        checkpoint_steps=5,
+        saving=Saving(checkpoints, every_epochs=0, every_steps=5),
     )
     assert checkpoints.steps() == [5, 10, 12]  # 4 steps an epoch, and the end
 
@@ -258,8 +263,163 @@ def test_checkpoints_every_n_steps_land_mid_epoch_and_resume_exactly(digits, mod
         lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
     )
     assert (int(state.step), position.epoch, position.batches_done) == (10, 3, 2)
-    resumed, metrics = train(model, digits, LOOP, OPTIM, progress=False, resume=(state, position))
+    resumed, metrics = train(
+        model, digits, LOOP, OPTIM, progress=False, phase=Phase(resume=(state, position))
+    )
     assert leaves_equal(resumed.params, reference.params)
     assert leaves_equal(resumed.opt_state, reference.opt_state)
     for key in ("train_loss", "test_accuracy"):
         assert metrics[key] == reference_metrics[key], key
+
+
+# --- faults: corrupt checkpoints, failed writes, kills ------------------------------------------
+
+
+def corrupt(step_dir: Path) -> None:
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+
+
+def test_a_corrupt_latest_checkpoint_is_moved_aside_and_its_step_saved_again_every_time(
+    digits, model, tmp_path
+):
+    """Each rerun after a corruption resumes from the step before and ends like the whole run."""
+    reference, _ = train(model, digits, LOOP, OPTIM, progress=False)
+    train(model, digits, LOOP, OPTIM, progress=False, saving=Saving(Checkpoints(tmp_path)))
+    for aside in ("12.corrupt", "12.corrupt-1"):
+        corrupt(tmp_path / "12")
+        checkpoints, messages = Checkpoints(tmp_path), []  # as a rerun opens them
+        state, position, _ = checkpoints.restore_latest(
+            lambda meta: abstract_train_state(model, digits, LOOP, OPTIM), log=messages.append
+        )
+        assert int(state.step) == 8 and position.epoch == 3
+        assert len(messages) == 1 and f"moved to {tmp_path / aside}" in messages[0]
+        assert (tmp_path / aside).is_dir() and checkpoints.steps() == [4, 8]
+        resumed, _ = train(
+            model,
+            digits,
+            LOOP,
+            OPTIM,
+            progress=False,
+            phase=Phase(resume=(state, position)),
+            saving=Saving(checkpoints),
+        )
+        assert checkpoints.steps() == [4, 8, 12]
+        assert leaves_equal(resumed.params, reference.params)
+
+
+@pytest.fixture
+def disk_full_from_save(monkeypatch):
+    """Orbax writes fail from the n-th save on, leaving a half-written temporary directory."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_save, saves = ocp.CheckpointManager.save, []
+
+    def set_failing_from(n: int | None):
+        """Saves fail from the `n`-th on (counting from now); None: the disk is freed."""
+        saves.clear()
+        if n is None:
+            monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+            return
+
+        def save(self, step, *args, **kwargs):
+            saves.append(step)
+            if len(saves) < n:
+                return real_save(self, step, *args, **kwargs)
+            partial = Path(self.directory) / f"{step}.orbax-checkpoint-tmp-1764"
+            partial.mkdir()
+            (partial / "half-written").write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+    return set_failing_from
+
+
+def test_a_failed_write_is_one_error_and_leaves_the_earlier_checkpoints_and_no_debris(
+    digits, model, tmp_path, disk_full_from_save
+):
+    disk_full_from_save(2)
+    checkpoints = Checkpoints(tmp_path)
+    message = (
+        f"could not write the checkpoint of step 8 in {tmp_path}: No space left on device; "
+        "the checkpoint of step 4 is intact"
+    )
+    with pytest.raises(CheckpointError) as error:
+        train(model, digits, LOOP, OPTIM, progress=False, saving=Saving(checkpoints))
+    assert str(error.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4"]
+    assert checkpoints.steps() == [4]
+
+
+def test_the_command_line_reports_a_full_disk_in_one_line_and_resumes_once_freed(
+    tmp_path, disk_full_from_save, capsys
+):
+    from experiments.cli import main
+
+    argv = ["train", "--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48"]
+    argv += ["--batch-size", "32", "--dense", "--epochs", "2", "--quiet"]
+    argv += ["--output-dir", str(tmp_path)]
+    disk_full_from_save(2)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"npas: error: could not write the checkpoint of step 6 in {tmp_path / 'checkpoints'}: "
+        "No space left on device; the checkpoint of step 3 is intact\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+    disk_full_from_save(None)
+    code, out = main(argv), capsys.readouterr().out
+    assert code == 0 and "resuming training from step 3 (epoch 2" in out
+    assert (tmp_path / "summary.json").exists()
+
+
+def kill_at(argv: list[str], out: Path, step: int) -> None:
+    """Starts `npas` on `argv` and kills it (SIGKILL) once a checkpoint of `step` or later lands."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "experiments.cli", *argv]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+
+    def saved() -> int:
+        steps = [int(p.name) for p in out.glob("*checkpoints/*") if p.is_dir() and p.name.isdigit()]
+        return max(steps, default=0)
+
+    deadline = time.time() + 300
+    while saved() < step and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+
+
+KILLED = [
+    "train", "--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48", "--batch-size",
+    "32", "--budget", "80%", "--epochs", "3", "--search-epochs", "1", "--unshare-epoch", "1",
+    "--checkpoint-steps", "2", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from experiments.cli import main
+
+    out = tmp_path_factory.mktemp("whole")
+    assert main([*KILLED, "--output-dir", str(out)]) == 0
+    return run_files(out)
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_runs_files(
+    tmp_path, uninterrupted, trial
+):
+    """SIGKILL at a random step (search phase: steps 1-3, final training: 1-9), then a rerun."""
+    from experiments.cli import main
+
+    step = int(np.random.default_rng(trial).integers(2, 9))
+    argv = [*KILLED, "--output-dir", str(tmp_path)]
+    kill_at(argv, tmp_path, step)
+    assert not (tmp_path / "summary.json").exists(), "killed too late: the run had finished"
+    assert main(argv) == 0
+    assert run_files(tmp_path) == uninterrupted

@@ -3,18 +3,22 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_files
 
 from experiments import augment
 from experiments.checkpoint import Checkpoints
-from experiments.cli import RunConfig, config_from_args, main, parse_args
+from experiments.cli import config_from_args, main, parse_args
+from experiments.config import RunConfig
 from experiments.models import build_budgeted, create_members
 from search import SearchResult
 from superweights import Budget
@@ -214,52 +218,111 @@ def test_train_again_into_the_same_directory_keeps_one_line_per_epoch(dense_run,
 
 @pytest.fixture
 def nothing_compiles(monkeypatch):
-    """Fails the test if training gets as far as building its jitted steps."""
+    """Fails the test if a run gets as far as loading data or building its jitted steps."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the train or eval step was built before the config was refused")
+        raise AssertionError("data was loaded or a step built before the config was refused")
 
     for name in ("make_train_step", "make_eval_step"):
         monkeypatch.setattr(f"experiments.train.{name}", refuse)
+    monkeypatch.setattr("experiments.run.load_dataset", refuse)
+
+
+BAD_SETTINGS = [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--bins", "0"], "--bins must be at least 1"),
+    (["--eval-every", "-1"], "--eval-every must not be negative"),
+    (["--checkpoint-steps", "-1"], "--checkpoint-steps must not be negative"),
+    (["--sublayer-templates", "-1"], "--sublayer-templates must not be negative"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--train-size", "0"], "--train-size must be at least 1, got 0"),
+    (["--test-size", "0"], "--test-size must be at least 1, got 0"),
+    (["--test-size", "1000"], "--test-size 1000 is more than the 360 images digits holds"),
+    (["--dense", "--train-size", "16"], "--batch-size 32 exceeds the 16 training images"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--lr", "-0.1"], "--lr must be positive, got -0.1"),
+    (["--lr", "inf"], "--lr must be a finite number (positive), got inf"),
+    (["--lr", "nan"], "--lr must be a finite number (positive), got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--weight-decay=-1e-4"], "--weight-decay must be zero or more"),
+    (["--tau", "1.5"], "--tau is a cosine similarity, in [-1, 1]; got 1.5"),
+    (["--epochs", "2", "--search-epochs", "3"], "--search-epochs (3) must be at most"),
+    (
+        ["--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "2"],
+        "--unshare-epoch must be in [0, 1]",
+    ),
+    (["--compare-dense"], "--compare-dense needs a budgeted ensemble"),
+    (["--arch", "wrn-10-1,"], "has an empty member name"),
+    (["--arch", "wrn-11-1"], "depth must be 6n + 4"),
+    (["--arch", "vgg-16"], "Unknown model 'vgg-16'; available: resnet-18"),
+    (["--exits", "--arch", "resnet-18"], "--exits needs Wide ResNet members"),
+    (["--budget", "1%"], "below the minimum feasible 1,301"),
+    (["--budget", "150%"], "above the model's own size"),
+    (["--budget", "1e12"], "--dense"),
+    (["--budget", "0%"], "is zero"),
+    (["--budget", "0.0001k"], "is zero"),
+    (["--budget=-5000"], "negative"),
+    (["--budget=-5%"], "negative"),
+    (["--budget", "1.5"], "ambiguous: write a percentage (150%) or a whole count (2)"),
+    (["--budget", "lots"], "cannot read budget 'lots'"),
+    (["--output-dir", "{file}"], "is a file, not a directory"),
+    (["--output-dir", "{file}/run"], "which is a file"),
+    (["--data-dir", "{file}"], "is a file, not a directory"),
+    (["--data-dir", "{missing}"], "digits ships with scikit-learn and takes no data_dir"),
+    (["--dataset", "mnist"], "mnist has no default location; pass --data-dir"),
+    (["--dataset", "cifar100", "--data-dir", "{missing}"], "missing does not exist; expected"),
+    (["--coordinator", "localhost:1"], "needs --num-processes and --process-id"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SETTINGS)
+def test_train_with_bad_arguments_exits_2_before_loading_or_compiling(
+    capsys, nothing_compiles, tmp_path, args, message
+):
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    args = [a.format(file=file, missing=tmp_path / "missing") for a in args]
+    started = time.perf_counter()
+    assert main(["train", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("npas: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+    assert time.perf_counter() - started < 20
+    assert file.read_text() == "not a directory"
+
+
+def test_a_refused_setting_changes_no_file_of_an_existing_run(capsys, nothing_compiles, dense_run):
+    *_, out, argv = dense_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad in (["--lr", "inf"], ["--test-size", "0"], ["--weight-decay", "nan"]):
+        assert main([*argv, *bad]) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert capsys.readouterr().err.count("npas: error: ") == 3
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--epochs", "0"], "--epochs must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--num-classes", "0"], "--num-classes must be at least 2, got 0"),
+        (["--num-classes", "1"], "--num-classes must be at least 2"),
+        (["--image-shape", "32x32"], "--image-shape takes height,width,channels"),
+        (["--image-shape", "0,8,1"], "positive whole numbers"),
+        (["--budget", "150%"], "above the model's own size"),
         (["--bins", "0"], "--bins must be at least 1"),
-        (["--eval-every", "-1"], "--eval-every must not be negative"),
-        (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
-        (["--lr", "0"], "--lr must be positive, got 0.0"),
-        (["--tau", "1.5"], "--tau is a cosine similarity, in [-1, 1]; got 1.5"),
-        (["--epochs", "2", "--search-epochs", "3"], "--search-epochs (3) must be at most"),
-        (
-            ["--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "2"],
-            "--unshare-epoch must be in [0, 1]",
-        ),
-        (["--compare-dense"], "--compare-dense needs a budgeted ensemble"),
-        (["--arch", "wrn-10-1,"], "has an empty member name"),
-        (["--arch", "wrn-11-1"], "depth must be 6n + 4"),
-        (["--arch", "vgg-16"], "Unknown model 'vgg-16'; available: resnet-18"),
-        (["--exits", "--arch", "resnet-18"], "--exits needs Wide ResNet members"),
-        (["--budget=-5%"], "cannot read budget '-5%'"),
-        (["--budget", "1%"], "below the minimum feasible 1,301"),
-        (["--test-size", "1000"], "test_size must be in [0, 360], got 1000"),
-        (["--dense", "--train-size", "16"], "batch size 32 exceeds the 16 training examples"),
-        (["--coordinator", "localhost:1"], "needs --num-processes and --process-id"),
     ],
 )
-def test_train_with_bad_arguments_exits_2_before_compiling(capsys, nothing_compiles, args, message):
-    assert main(["train", *TINY, *args]) == 2
+def test_report_with_bad_arguments_exits_2_in_one_line(capsys, args, message):
+    assert main(["report", "--arch", "wrn-10-1", "--image-shape", "8,8,1", *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("npas: error: ")
+    assert err.startswith("npas: error: ") and err.count("\n") == 1, err
     assert message in err
 
 
 def test_train_cifar10_without_data_exits_2_naming_what_is_expected(capsys, tmp_path):
     assert main(["train", "--dataset", "cifar10", "--quiet"]) == 2
-    assert "cifar10 has no default location; pass data_dir" in capsys.readouterr().err
+    assert "cifar10 has no default location; pass --data-dir" in capsys.readouterr().err
 
     missing = tmp_path / "cifar"
     assert main(["train", "--dataset", "cifar10", "--data-dir", str(missing), "--quiet"]) == 2
@@ -421,7 +484,7 @@ def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense
 def test_search_summary_says_why_thresholds_were_refused():
     from conftest import chain_specs
 
-    from experiments.cli import search_summary
+    from experiments.run import search_summary
     from search import search_clusters, searched_plan
     from superweights import cluster_coefficients, initial_clusters, make_plan
 
@@ -442,3 +505,70 @@ def test_search_summary_says_why_thresholds_were_refused():
     assert len(result.clusters) == 1 and result.refused
     assert f"{len(result.refused)} thresholds refused first; at tau 0.10: 2 clusters need" in text
     assert "1,152 parameters, over the budget of 600 (banks scope)" in text
+
+
+def test_a_run_resumed_after_unsharing_keeps_the_record_and_ends_the_same(tmp_path):
+    """Killed at the epoch boundary after unsharing: the resumed run's files equal the whole's."""
+    argv = ["train", *TINY, "--budget", "80%", "--epochs", "3", "--search-epochs", "1"]
+    argv += ["--unshare-epoch", "1", "--quiet"]
+    whole = tmp_path / "whole"
+    code, _, stderr = run([*argv, "--output-dir", str(whole)])
+    assert code == 0, stderr
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    last = max(Checkpoints(resumed / "checkpoints").steps())
+    shutil.rmtree(resumed / "checkpoints" / str(last))  # as if killed before the last epoch's save
+    for name in ("summary.json", "metrics.csv"):
+        (resumed / name).unlink()
+    code, stdout, stderr = run([*argv, "--output-dir", str(resumed)])
+    assert code == 0, stderr
+    assert "resuming training from step 6 (epoch 3" in stdout
+    expected, got = run_files(whole), run_files(resumed)
+    assert set(expected[0]["unshare"]) == {"vectors_before", "vectors_after"}
+    assert got[0] == expected[0]
+    assert got[1] == expected[1] and got[2] == expected[2]
+
+
+def test_a_corrupt_latest_checkpoint_survives_every_rerun_with_the_same_summary(tmp_path):
+    """Corrupt the last checkpoint, rerun; twice: each time the uninterrupted run's files."""
+    argv = ["train", *TINY, "--dense", "--epochs", "2", "--quiet"]
+    whole, out = tmp_path / "whole", tmp_path / "damaged"
+    assert run([*argv, "--output-dir", str(whole)])[0] == 0
+    shutil.copytree(whole, out)
+    for aside in ("6.corrupt", "6.corrupt-1"):
+        for path in (out / "checkpoints" / "6").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+        (out / "summary.json").unlink()
+        code, stdout, stderr = run([*argv, "--output-dir", str(out)])
+        assert code == 0, stderr
+        assert f"moved to {out / 'checkpoints' / aside}; trying the one before" in stdout
+        assert "resuming training from step 3 (epoch 2" in stdout
+        assert run_files(out) == run_files(whole)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "3",
+        "6",
+        "6.corrupt",
+        "6.corrupt-1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"config.json": '{"arch": '}, r"config.json is damaged \(Expecting value"),
+        ({"metrics.jsonl": '{"epoch": 1}\n{"epo'}, r"metrics.jsonl is damaged at line 2"),
+    ],
+)
+def test_a_damaged_run_file_is_named_and_nothing_else_changes(dense_run, tmp_path, damage, message):
+    *_, first, argv = dense_run
+    out = tmp_path / "damaged"
+    shutil.copytree(first, out)
+    for name, text in damage.items():
+        (out / name).write_text(text)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, stderr = run([*argv[:-1], str(out)])
+    assert code == 2
+    assert stderr.startswith(f"npas: error: {out}") and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
