@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -14,8 +15,21 @@ from flax import linen, nnx
 from superweights import LayerSpec, ParamSpec
 
 REPO = Path(__file__).resolve().parents[1]
-jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
+COMPILATION_CACHE = str(REPO / ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python process: the tests' compilation cache, unbuffered."""
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
 
 NUM_CLASSES = 5
 IMAGE_SHAPE = (4, 6, 6, 3)

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_files
+from conftest import run_files, subprocess_env
 
 from experiments.checkpoint import CheckpointError, Checkpoints, Interrupted
 from experiments.data import load_digits, subset
@@ -172,7 +171,7 @@ def npas_command(out: Path) -> list[str]:
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_result(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     subprocess.run(
         npas_command(tmp_path / "whole"), check=True, cwd=REPO, env=env, capture_output=True
     )
@@ -379,7 +378,7 @@ def test_the_command_line_reports_a_full_disk_in_one_line_and_resumes_once_freed
 
 def kill_at(argv: list[str], out: Path, step: int) -> None:
     """Starts `npas` on `argv` and kills it (SIGKILL) once a checkpoint of `step` or later lands."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     command = [sys.executable, "-m", "experiments.cli", *argv]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
 

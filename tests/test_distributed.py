@@ -1,5 +1,4 @@
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -7,6 +6,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import subprocess_env
 
 from experiments import distributed
 
@@ -40,7 +40,7 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses,
 
 
 def run_on(devices: int, batch: int = 32) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(batch)],
         cwd=REPO,
@@ -130,7 +130,7 @@ def npas_train(out: Path, *extra: str) -> list[str]:
 
 
 def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
     single = subprocess.run(
         npas_train(tmp_path / "one"), cwd=REPO, env=env, capture_output=True, text=True
     )
