@@ -181,19 +181,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def model_settings(args: argparse.Namespace) -> dict:
+    """The config fields of the options both commands share (`_add_model_args`)."""
+    names = (
+        "arch",
+        "exits",
+        "budget",
+        "scope",
+        "bins",
+        "sublayer_templates",
+        "fill",
+        "share_dense",
+    )
+    return {name: getattr(args, name) for name in names}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run `npas train` describes (checked by the run, `experiments.config.check`)."""
     return RunConfig(
-        arch=args.arch,
-        exits=args.exits,
+        **model_settings(args),
         dataset=args.dataset,
         data_dir=args.data_dir,
-        budget=args.budget,
-        scope=args.scope,
-        bins=args.bins,
-        sublayer_templates=args.sublayer_templates,
-        fill=args.fill,
-        share_dense=args.share_dense,
         dense=args.dense,
         train_size=args.train_size,
         test_size=args.test_size,
@@ -234,14 +242,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def report_config(args: argparse.Namespace) -> RunConfig:
     """The planning settings of `npas report` (no unsharing reserve: no training follows)."""
     return RunConfig(
-        arch=args.arch,
-        exits=args.exits,
-        budget=args.budget,
-        scope=args.scope,
-        bins=args.bins,
-        sublayer_templates=args.sublayer_templates,
-        fill=args.fill,
-        share_dense=args.share_dense,
+        **model_settings(args),
         search=SearchConfig(unshare_epoch=0),
     )
 
