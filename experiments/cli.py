@@ -25,7 +25,7 @@ from experiments.config import (
     parse_image_shape,
 )
 from experiments.data import DATASET_NAMES
-from experiments.npas import SearchConfig
+from experiments.npas import SIMILARITIES, SearchConfig
 from experiments.run import run_training
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, BudgetError
@@ -164,6 +164,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     npas.add_argument(
         "--warm-start",
         action="store_true",
+    npas.add_argument(
+        "--similarity",
+        default=SearchConfig.similarity,
+        choices=SIMILARITIES,
+        help="compare layers by their loss gradients (the paper's measure) or by their "
+        "trained weights (the measure of SSN-style methods)",
+    )
         help="start the final model from the search phase's weights",
     )
     npas.add_argument(
@@ -235,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 if args.unshare_epoch is None
                 else args.unshare_epoch
             ),
+            similarity=args.similarity,
         ),
     )
 

@@ -21,7 +21,7 @@ import superweights
 from experiments import augment
 from experiments.data import DATA_SHAPES, DATASET_NAMES, DATASET_SIZES, check_files
 from experiments.models import create_members
-from experiments.npas import SearchConfig, unshares
+from experiments.npas import SIMILARITIES, SearchConfig, unshares
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, SharingRule
 from superweights.budget import SUBLAYER_TEMPLATES
@@ -210,6 +210,10 @@ def check_sizes(config: RunConfig) -> None:
     )
     _finite("lr", config.optim.learning_rate, positive=True)
     _finite("weight_decay", config.optim.weight_decay, positive=False)
+    if search.similarity not in SIMILARITIES:
+        raise ConfigError(
+            f"--similarity must be one of {', '.join(SIMILARITIES)}; got {search.similarity!r}"
+        )
     if not (isinstance(search.tau, int | float) and -1 <= search.tau <= 1):
         raise ConfigError(f"--tau is a cosine similarity, in [-1, 1]; got {search.tau}")
     budgeted = not config.dense

@@ -326,10 +326,11 @@ def compare_with_dense(config: RunConfig, summary: dict, run_dir: RunDir, progre
 
 
 def search_summary(result, plan) -> str:
-    """A few lines on what the search found: tau and each new cluster's layers."""
+    """A few lines on what the search found: tau, the rule's verdicts and each cluster's
+    layers."""
     lines = [
-        f"search: tau {result.tau:.2f}; {len(result.similarities)} initial clusters -> "
-        f"{len(result.clusters)} clusters (minimum budget {result.minimum_budget:,})"
+        f"search ({result.measure}): tau {result.tau:.2f}; {len(result.similarities)} initial "
+        f"clusters -> {len(result.clusters)} clusters (minimum budget {result.minimum_budget:,})"
     ]
     if result.refused:
         first = result.refused[0]
@@ -344,6 +345,8 @@ def search_summary(result, plan) -> str:
     return "\n".join(lines)
 
 
+    if result.tried:
+        lines.append(f"  taken: {result.tried[-1].reason}")
 def ensemble_summary(model, state, dataset, batch_size: int, run_dir: RunDir, log) -> dict:
     """Diversity, anytime curves (members cheapest first, and each member's early exits,
     against FLOPs) and parameter saving.

@@ -7,6 +7,8 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
+
 SCOPES = ("banks", "model")
 
 
@@ -62,6 +64,16 @@ class Budget:
                 "full model without sharing (npas train --dense)"
             )
         return params
+
+    def counted(self, unshared_params: int) -> tuple[int, bool]:
+        """`(fixed, count_coefficients)`: what this scope counts besides the templates.
+
+        Model scope counts the per-member params (`unshared_params`) and every
+        coefficient; banks scope neither (block coefficients of sub-layer banks
+        count in both, see `bank_cost`).
+        """
+        model_scope = self.scope == "model"
+        return (unshared_params if model_scope else 0), model_scope
 
     def describe(self) -> str:
         amount = f"{int(self.params):,}" if self.params is not None else f"{self.fraction:.2%}"
@@ -193,15 +205,23 @@ def bank_cost(demand: BankDemand, templates: int, size: int, count_coefficients:
 
 
 def smallest_template(demand: BankDemand, count_coefficients: bool) -> int:
-    """The template size of least cost for one template: about `sqrt(groups * L)`.
+    """The template size of least cost for one template (the larger on a tie).
 
-    There the block coefficients are about as many as the template's entries;
-    a smaller template would cost more in coefficients than it saves.
+    One template of `T` entries costs `T + groups * ceil(L / T)` below full size
+    (`L + groups` or `L` at full size, see `bank_cost`), least near
+    `sqrt(groups * L)`. The search is exact: every `T <= sqrt(L)`, and for each
+    block count `b <= sqrt(L) + 1` the smallest `T` with `ceil(L / T) = b`,
+    which is `ceil(L / b)`; together they hold a least-cost size for every
+    block count.
     """
-    guess = math.isqrt(demand.groups * demand.piece_size)
-    sizes = {min(demand.piece_size, max(1, guess + d)) for d in (-1, 0, 1, 2)}
-    sizes.add(demand.piece_size)
-    return min(sizes, key=lambda t: (bank_cost(demand, 1, t, count_coefficients), -t))
+    piece = demand.piece_size
+    root = math.isqrt(piece)
+    counts = np.arange(1, root + 2)
+    sizes = np.unique(np.clip(np.concatenate([counts, -(-piece // counts)]), 1, piece))
+    costs = sizes + demand.groups * -(-piece // sizes)
+    costs[sizes == piece] = bank_cost(demand, 1, piece, count_coefficients)
+    best = np.flatnonzero(costs == costs.min())
+    return int(sizes[best[-1]])
 
 
 def full_size_minimum(demands: Sequence[BankDemand], fixed: int, count_coefficients: bool) -> int:
@@ -222,6 +242,37 @@ def minimum_budget(
         bank_cost(d, 1, smallest_template(d, count_coefficients), count_coefficients)
         for d in demands
     )
+
+
+FULL, SUBLAYER = "full", "sub-layer"
+"""The two geometries of a plan's banks (see `geometry`)."""
+
+
+def geometry(
+    demands: Sequence[BankDemand],
+    budget: int,
+    fixed: int,
+    count_coefficients: bool,
+    sublayer_templates: int = SUBLAYER_TEMPLATES,
+) -> str:
+    """How `budget` shapes the banks: the one place this is decided.
+
+    `FULL` (the paper's geometry) from one full-size template per bank up,
+    `SUBLAYER` below that when `sublayer_templates > 0` (`allocate_sublayer`).
+    The allocation, the plan and the search's split rule all follow it.
+
+    Raises:
+      BudgetError: below the minimum feasible budget; the message states it.
+    """
+    full = full_size_minimum(demands, fixed, count_coefficients)
+    if budget >= full:
+        return FULL
+    if sublayer_templates <= 0:
+        raise _below_minimum(budget, full, fixed, sublayer=False)
+    minimum = minimum_budget(demands, fixed, count_coefficients)
+    if budget < minimum:
+        raise _below_minimum(budget, minimum, fixed, sublayer=True)
+    return SUBLAYER
 
 
 def _below_minimum(budget: int, minimum: int, fixed: int, sublayer: bool) -> BudgetError:
@@ -338,17 +389,15 @@ def allocate(
         bank), templates per bank of the sub-layer geometry (`allocate_sublayer`);
         0 refuses such budgets, as the paper's method does.
     """
+    if geometry(demands, budget, fixed, count_coefficients, sublayer_templates) == SUBLAYER:
+        return allocate_sublayer(
+            demands,
+            budget,
+            fixed=fixed,
+            count_coefficients=count_coefficients,
+            templates=sublayer_templates,
+        )
     minimum = full_size_minimum(demands, fixed, count_coefficients)
-    if budget < minimum:
-        if sublayer_templates > 0:
-            return allocate_sublayer(
-                demands,
-                budget,
-                fixed=fixed,
-                count_coefficients=count_coefficients,
-                templates=sublayer_templates,
-            )
-        raise _below_minimum(budget, minimum, fixed, sublayer=False)
     costs = [d.piece_size + d.groups * count_coefficients for d in demands]
     counts = [1] * len(demands)
     left = budget - minimum

@@ -269,9 +269,8 @@ class Plan:
         return any(b.sublayer for b in self.banks)
 
     def _floor_args(self) -> tuple[list[BankDemand], int, bool]:
-        model_scope = self.budget.scope == "model"
-        fixed = self.unshared_params if model_scope else 0
-        return [b.demand(self.reserve_unsharing) for b in self.banks], fixed, model_scope
+        fixed, count_coefficients = self.budget.counted(self.unshared_params)
+        return [b.demand(self.reserve_unsharing) for b in self.banks], fixed, count_coefficients
 
     @property
     def reserved(self) -> int:
@@ -282,8 +281,8 @@ class Plan:
         """
         if not self.reserve_unsharing:
             return 0
-        model_scope = self.budget.scope == "model"
-        return sum(b.unsharing_room for b in self.banks if model_scope or b.sublayer)
+        _, count_coefficients = self.budget.counted(self.unshared_params)
+        return sum(b.unsharing_room for b in self.banks if count_coefficients or b.sublayer)
 
     @property
     def minimum_budget(self) -> int:
@@ -466,8 +465,7 @@ def check_plan(plan: Plan) -> None:
 
 def check_plan_budget(plan: Plan) -> None:
     """The plan's budget is what its budget resolves to, and it spends no more."""
-    fixed = plan.unshared_params if plan.budget.scope == "model" else 0
-    reference = sum(layer.size for layer in plan.layers) + fixed
+    reference = model_size(plan.layers, plan.unshared, plan.budget)
     try:
         resolved = plan.budget.resolve(reference)
     except BudgetError as error:
@@ -631,6 +629,12 @@ def bank_layout(
     return banks
 
 
+def model_size(layers: Sequence[LayerSpec], unshared: Sequence[ParamSpec], budget: Budget) -> int:
+    """The members' own size in `budget`'s scope: what a fraction of the budget is of."""
+    fixed, _ = budget.counted(sum(p.size for p in unshared))
+    return sum(layer.size for layer in layers) + fixed
+
+
 def make_plan(
     layers: Sequence[LayerSpec],
     unshared: Sequence[ParamSpec],
@@ -661,9 +665,8 @@ def make_plan(
     if sorted(clustered) != sorted(layer.id for layer in layers):
         raise ValueError("clusters must hold every shared layer exactly once")
     banks = bank_layout(clusters, layers, coefficients)
-    model_scope = budget.scope == "model"
-    fixed = sum(p.size for p in unshared) if model_scope else 0
-    reference = sum(layer.size for layer in layers) + fixed
+    fixed, count_coefficients = budget.counted(sum(p.size for p in unshared))
+    reference = model_size(layers, unshared, budget)
     budget_params = budget.resolve(reference)
     demands = [b.demand(reserve_unsharing) for b in banks]
     try:
@@ -671,14 +674,14 @@ def make_plan(
             demands,
             budget_params,
             fixed=fixed,
-            count_coefficients=model_scope,
+            count_coefficients=count_coefficients,
             cap=cap,
             passes=passes,
             fill=fill,
             sublayer_templates=sublayer_templates,
         )
     except BudgetError as error:
-        minimum = minimum_budget(demands, fixed, model_scope, sublayer_templates > 0)
+        minimum = minimum_budget(demands, fixed, count_coefficients, sublayer_templates > 0)
         raise BudgetError(
             f"{error} (the minimum is {minimum / reference:.2%} of the model's {reference:,} "
             f"parameters in {budget.scope} scope)"

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -358,6 +359,58 @@ def test_sublayer_minimum_worked_by_hand():
     # In model scope the whole template of A costs 10 + 3 coefficients, more than T=5's 11.
     assert smallest_template(demands[0], True) == 5
     assert minimum_budget(demands, 7, True) == 7 + 11 + 9
+
+
+def brute_force_minimum(demand: BankDemand, count_coefficients: bool) -> int:
+    """The least cost of one template by trying every size: T + groups * ceil(L / T) below
+    full size, L (+ groups in model scope) at full size."""
+    piece, groups = demand.piece_size, demand.groups
+    below = [t + groups * -(-piece // t) for t in range(1, piece)]
+    return min([*below, piece + groups * count_coefficients])
+
+
+def test_smallest_template_is_the_least_cost_size_by_brute_force():
+    for piece in range(1, 121):
+        for groups in range(1, 9):
+            for count_coefficients in (False, True):
+                demand = BankDemand(piece, groups, groups)
+                size = smallest_template(demand, count_coefficients)
+                assert 1 <= size <= piece
+                cost = bank_cost(demand, 1, size, count_coefficients)
+                assert cost == brute_force_minimum(demand, count_coefficients), demand
+
+
+@pytest.mark.parametrize(
+    ("demand", "size", "cost"),
+    [
+        # L=27, 5 groups: T=9 is 3 blocks, 9 + 5 * 3 = 24; T=14 is 2 blocks, 14 + 5 * 2 = 24
+        # (the larger size is kept); T=10 costs 10 + 15 = 25 and T=8 costs 8 + 20 = 28.
+        (BankDemand(27, 5, 5), 14, 24),
+        # L=190, 20 groups: T=64 is 3 blocks, 64 + 20 * 3 = 124; T=48 is 4 blocks, 48 + 80 =
+        # 128; T=95 is 2 blocks, 95 + 40 = 135; near sqrt(20 * 190) = 61, T=62 costs 62 + 80.
+        (BankDemand(190, 20, 20), 64, 124),
+    ],
+)
+def test_smallest_template_worked_by_hand(demand, size, cost):
+    assert smallest_template(demand, False) == size
+    assert bank_cost(demand, 1, size, False) == cost
+
+
+def test_the_stated_minimum_is_feasible_and_one_less_is_not_by_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        demands = [
+            BankDemand(int(rng.integers(1, 400)), int(g), int(g))
+            for g in rng.integers(1, 12, size=rng.integers(1, 5))
+        ]
+        fixed = int(rng.integers(0, 50))
+        count_coefficients = bool(rng.integers(2))
+        minimum = fixed + sum(brute_force_minimum(d, count_coefficients) for d in demands)
+        assert minimum_budget(demands, fixed, count_coefficients) == minimum
+        fits = allocate(demands, minimum, fixed=fixed, count_coefficients=count_coefficients)
+        assert fits.spent <= minimum
+        with pytest.raises(BudgetError, match=f"minimum feasible {minimum:,} "):
+            allocate(demands, minimum - 1, fixed=fixed, count_coefficients=count_coefficients)
 
 
 def test_budget_below_the_floor_gets_smaller_templates():
