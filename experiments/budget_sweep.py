@@ -5,11 +5,13 @@ python -m experiments.budget_sweep --preset small --seeds 0,1,2   # mean and spr
 python -m experiments.budget_sweep --preset fashion               # Fashion-MNIST subset
 python -m experiments.budget_sweep --preset cifar100 --data-dir ~/data/cifar-100-python
 
-At every feasible budget it trains (a) the SuperWeight model with the search, (b) the same
-with the initial clusters only, (c) the same Wide ResNet at the width whose parameter count is
-closest to (a)'s trainable parameters; and (d) the full model once (method.md section 10);
-all of it once per seed. All runs share the base config's recipe. Writes `results.csv` (a row
-per run), `results.md` (mean and spread over the seeds) and `accuracy_vs_params.png` to
+At every feasible budget it trains (a) the SuperWeight model with the gradient search,
+(b) the same with the search comparing the layers' weights instead (`--similarity weights`),
+(c) the same with the initial clusters only, (d) the same Wide ResNet at the width whose
+parameter count is closest to (a)'s trainable parameters; and (e) the full model once
+(method.md section 10); all of it once per seed (`--methods` picks some). All runs share the
+base config's recipe. Writes `results.csv` (a row per run, rewritten after every run),
+`results.md` (mean and spread over the seeds) and `accuracy_vs_params.png` to
 `--output-dir`, and each run's own files under `runs/`.
 """
 
@@ -37,19 +39,29 @@ from flax import nnx  # noqa: E402
 import archs  # noqa: E402
 from archs.registry import WRN_PATTERN  # noqa: E402
 from experiments import presets  # noqa: E402
-from experiments.config import RunConfig  # noqa: E402
+from experiments.config import RunConfig, initial_plan  # noqa: E402
 from experiments.data import DATA_SHAPES  # noqa: E402
 from experiments.run import run_training  # noqa: E402
 from superweights import Budget, BudgetError  # noqa: E402
 
-METHODS = ("search", "no-search", "reduced-width", "full")
+METHODS = ("search", "search-weights", "no-search", "reduced-width", "full")
 LABELS = {
     "search": "SuperWeights + search",
+    "search-weights": "SuperWeights + search (weights)",
     "no-search": "SuperWeights, no search",
     "reduced-width": "reduced width",
     "full": "full model",
 }
-COLUMNS = ("method", "budget", "seed", "arch", "trainable_params", "test_accuracy", "seconds")
+COLUMNS = (
+    "method",
+    "budget",
+    "seed",
+    "arch",
+    "trainable_params",
+    "test_accuracy",
+    "seconds",
+    "clusters",
+)
 NO_DATA_DIR = ("digits", "fashion_mnist")
 """Data sets found without `--data-dir` (embedded, or where Debian installs them)."""
 WIDTH_STEP = 1 / 64
@@ -63,6 +75,7 @@ class SweepConfig:
     base: RunConfig
     budgets: tuple[str, ...] = ("2%", "5%", "10%", "25%", "50%")
     seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = METHODS
 
 
 SWEEPS = {
@@ -76,7 +89,7 @@ SWEEPS = {
     # WRN-16-1's full-size templates need 29.1%; below it the templates are sub-layer.
     "fashion": SweepConfig(
         base=presets.get("fashion_mnist-wrn-16-1-b50"),
-        budgets=("2%", "5%", "10%", "30%", "50%"),
+        budgets=("2%", "5%", "10%", "25%", "30%", "50%"),
     ),
     # WRN-28-10 at SSN's low budgets and the paper's (full-size templates from 23.9%).
     "cifar100": SweepConfig(
@@ -97,6 +110,7 @@ class Result:
     trainable_params: int
     test_accuracy: float
     seconds: float
+    clusters: int = 0
 
 
 # --- budgets and the reduced-width baseline ---------------------------------------------------
@@ -185,8 +199,11 @@ def method_config(
     """`base` set up for one method and seed; only the model, budget and seed change."""
     if seed is not None:
         base = dataclasses.replace(base, loop=dataclasses.replace(base.loop, seed=seed))
-    if method == "search" or method == "no-search":
-        search = dataclasses.replace(base.search, search=method == "search")
+    if method in ("search", "search-weights", "no-search"):
+        similarity = "weights" if method == "search-weights" else "gradients"
+        search = dataclasses.replace(
+            base.search, search=method != "no-search", similarity=similarity
+        )
         return dataclasses.replace(base, arch=arch, budget=budget, dense=False, search=search)
     return dataclasses.replace(base, arch=arch, dense=True)
 
@@ -218,7 +235,12 @@ def run_sweep(
     seeds = tuple(sweep.seeds)
     if not seeds:
         raise ValueError("give at least one seed")
-    total = (3 * len(budgets) + 1) * len(seeds)
+    methods = [m for m in METHODS if m in sweep.methods]
+    unknown = set(sweep.methods) - set(METHODS)
+    if unknown or not methods:
+        raise ValueError(f"methods are among {', '.join(METHODS)}; got {list(sweep.methods)}")
+    budgeted = [m for m in methods if m != "full"]
+    total = (len(budgeted) * len(budgets) + ("full" in methods)) * len(seeds)
     results: list[Result] = []
 
     def run(method: str, budget: str | None, arch: str, seed: int) -> Result:
@@ -242,25 +264,32 @@ def run_sweep(
             summary["trainable_params"],
             summary["test_accuracy"],
             time.perf_counter() - start,
+            summary.get("clusters", 0),
         )
         log(
             f"    {result.trainable_params:,} trainable params, test accuracy "
             f"{result.test_accuracy:.2%} ({result.seconds:.0f}s)"
         )
         results.append(result)
+        (out / "results.csv").write_text(results_csv(results))
         return result
 
     for budget in budgets:
         reduced = None
         for seed in seeds:
-            searched = run("search", budget, base.arch, seed)
-            run("no-search", budget, base.arch, seed)
-            reduced = reduced or reduced_width_arch(
-                base.arch, searched.trainable_params, num_classes=num_classes, in_channels=shape[2]
-            )
-            run("reduced-width", budget, reduced, seed)
-    for seed in seeds:
-        run("full", None, base.arch, seed)
+            trained = [run(m, budget, base.arch, seed) for m in budgeted if m != "reduced-width"]
+            if "reduced-width" in methods:
+                target = trained[0].trainable_params if trained else None
+                reduced = reduced or reduced_width_arch(
+                    base.arch,
+                    target or initial_plan(base, Budget.parse(budget, base.scope)).trainable_params,
+                    num_classes=num_classes,
+                    in_channels=shape[2],
+                )
+                run("reduced-width", budget, reduced, seed)
+    if "full" in methods:
+        for seed in seeds:
+            run("full", None, base.arch, seed)
     write_results(results, notes, out)
     log(markdown_table(results))
     return results
@@ -347,7 +376,7 @@ def accuracy_figure(results: Sequence[Result], path: str | Path) -> Path:
     model as a point and a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     grouped = rows(results)
-    for method in METHODS[:3]:
+    for method in METHODS[:-1]:  # every method but the full model, which is one point
         line = sorted((r for r in grouped if r.first.method == method), key=_params)
         if line:
             ax.errorbar(
@@ -414,6 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "15%%,25%%",
     )
     parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated among {','.join(METHODS)} (default all)"
+    )
     return parser.parse_args(argv)
 
 
@@ -438,7 +470,8 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
     if args.budgets:
         budgets = tuple(b.strip() for b in args.budgets.split(","))
     seeds = parse_seeds(args.seeds) if args.seeds else sweep.seeds
-    return SweepConfig(base=base, budgets=budgets, seeds=seeds)
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    return SweepConfig(base=base, budgets=budgets, seeds=seeds, methods=methods)
 
 
 def main(argv: list[str] | None = None) -> int:

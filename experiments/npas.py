@@ -34,7 +34,9 @@ from experiments.train import (
 )
 from superweights import Budget, BudgetedModel, BudgetError, budgeted
 from superweights.budget import SUBLAYER_TEMPLATES
-from superweights.model import apply_members
+
+SIMILARITIES = ("gradients", "weights")
+"""What the search may compare layers by (`SearchConfig.similarity`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,10 @@ class SearchConfig:
       search: run the gradient-conflict search; False keeps the initial clusters.
       search_epochs: epochs of the search phase (paper: 20 of 200).
       gradient_batches: batches averaged for the per-layer gradients.
+      similarity: what the layers are compared by: `"gradients"` (dL/dW after the
+        search phase, the paper's measure) or `"weights"` (the trained kernels
+        themselves, the measure of SSN-style methods; each layer then owns its
+        coefficients in the search phase, so that the kernels can differ).
       tau: starting similarity threshold of the clustering.
       tau_step: how much tau drops while the clusters do not fit the budget.
       warm_start: start the final model from the search phase's per-member
@@ -59,6 +65,7 @@ class SearchConfig:
     search: bool = True
     search_epochs: int = 3
     gradient_batches: int = 8
+    similarity: str = "gradients"
     tau: float = 0.1
     tau_step: float = 0.05
     warm_start: bool = False
@@ -67,33 +74,9 @@ class SearchConfig:
     unshare_batches: int = 8
 
 
-def weight_gradients(
-    model: BudgetedModel, params, model_state, image_batches
-) -> dict[str, np.ndarray]:
-    """`{layer id: dL/dW}` averaged over batches, with respect to the composed weights.
-
-    The loss is the sum of the members' cross-entropies in evaluation mode (no
-    augmentation, running statistics), so the gradients measure the weights alone.
-    """
-
-    @jax.jit
-    def member_grads(member_params, images, labels):
-        def loss(p):
-            logits, _ = apply_members(model.members, p, model_state, images, train=False)
-            return sum(cross_entropy(out, labels) for out in logits.values())
-
-        return jax.grad(loss)(member_params)
-
-    member_params = jax.jit(model.member_params)(params)
-    total, count = None, 0
-    for images, labels in image_batches:
-        grads = member_grads(member_params, images, labels)
-        total = grads if total is None else jax.tree_util.tree_map(np.add, total, grads)
-        count += 1
-    if not count:
-        raise ValueError("no batches to average gradients over")
-    mean = jax.tree_util.tree_map(lambda g: np.asarray(g) / count, total)
-    return search.layer_gradients(model.plan, mean)
+def members_loss(logits: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:
+    """The training loss of several members: the sum of their mean cross-entropies."""
+    return sum(cross_entropy(out, labels) for out in logits.values())
 
 
 def gradient_batches(dataset: Dataset, batch_size: int, count: int, seed: int):
@@ -123,7 +106,9 @@ def unshare_intervention(
 
     def intervene(model: BudgetedModel, state: TrainState):
         sample = gradient_batches(dataset, loop.batch_size, config.unshare_batches, loop.seed + 2)
-        grads = weight_gradients(model, state.params, state.model_state, sample)
+        grads = search.weight_gradients(
+            model, state.params, state.model_state, sample, members_loss
+        )
         coefficient_grads = search.layer_coefficient_gradients(
             model.plan, state.params["bank"], grads
         )
@@ -191,7 +176,7 @@ def run_search(
             sample_input=sample_input,
             bins=bins,
             rule=rule,
-            shared_coefficients=True,
+            shared_coefficients=config.similarity == "gradients",
             sublayer_templates=sublayer_templates,
             fill=fill,
         )
@@ -206,15 +191,22 @@ def run_search(
         saving=saving,
         progress=progress,
     )
-    sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
-    grads = weight_gradients(searcher, state.params, state.model_state, sample)
+    if config.similarity == "weights":
+        signals = search.layer_weights(searcher, state.params)
+    else:
+        sample = gradient_batches(dataset, loop.batch_size, config.gradient_batches, loop.seed + 1)
+        signals = search.weight_gradients(
+            searcher, state.params, state.model_state, sample, members_loss
+        )
     result = search.search_clusters(
         searcher.plan,
-        grads,
+        signals,
         budget,
         tau=config.tau,
         step=config.tau_step,
         reserve_unsharing=unshares(config, loop),
+        fill=fill,
+        measure=config.similarity,
     )
     return searcher, result, state
 

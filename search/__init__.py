@@ -1,15 +1,19 @@
 """How sharing is found: gradient similarity, clustering under a budget, matching, unsharing."""
 
 from search.clustering import (
+    Candidate,
+    Capacity,
     ClusterSimilarity,
-    RefusedSplit,
     SearchResult,
     canonical_labels,
+    capacity_refusal,
     cluster_by_similarity,
+    cluster_plan,
     clusters_minimum_budget,
     search_clusters,
     searched_plan,
 )
+from search.gradients import layer_weights, weight_gradients
 from search.matching import build_clusters, match_layers, matched_groups
 from search.similarity import common_crop, cosine_similarity, layer_gradients, similarity_matrix
 from search.unshare import (
@@ -22,12 +26,15 @@ from search.unshare import (
 )
 
 __all__ = [
+    "Candidate",
+    "Capacity",
     "ClusterSimilarity",
-    "RefusedSplit",
     "SearchResult",
     "build_clusters",
     "canonical_labels",
+    "capacity_refusal",
     "cluster_by_similarity",
+    "cluster_plan",
     "clusters_minimum_budget",
     "coefficient_gradient_groups",
     "common_crop",
@@ -36,6 +43,7 @@ __all__ = [
     "expand_optimizer_state",
     "layer_coefficient_gradients",
     "layer_gradients",
+    "layer_weights",
     "match_layers",
     "matched_groups",
     "search_clusters",
@@ -43,4 +51,5 @@ __all__ = [
     "similarity_matrix",
     "source_rows",
     "unshare_plan",
+    "weight_gradients",
 ]

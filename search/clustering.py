@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,8 +29,8 @@ from scipy.spatial.distance import squareform
 from search.matching import CoefficientMap, build_clusters, match_layers
 from search.similarity import similarity_matrix
 from superweights import Budget, BudgetError, Cluster, Plan, make_plan
-from superweights.budget import minimum_budget
-from superweights.plan import bank_layout, largest_member
+from superweights.budget import FULL, SUBLAYER, minimum_budget
+from superweights.plan import bank_layout, largest_member, model_size
 
 
 def canonical_labels(labels) -> np.ndarray:
@@ -84,20 +85,109 @@ class ClusterSimilarity:
 
 
 @dataclasses.dataclass(frozen=True)
-class RefusedSplit:
-    """A threshold whose clusters did not fit the budget.
+class Capacity:
+    """What a plan's banks can compose from.
 
     Attributes:
-      tau: the threshold tried.
+      geometry: `"full"` or `"sub-layer"` (`superweights.budget.geometry`).
+      templates: whole templates per bank, in bank order.
+      ratios: template-to-piece ratio `T / L` per bank (1.0 at full size).
+    """
+
+    geometry: str
+    templates: tuple[int, ...]
+    ratios: tuple[float, ...]
+
+    @classmethod
+    def of(cls, plan: Plan) -> Capacity:
+        return cls(
+            SUBLAYER if plan.sublayer else FULL,
+            tuple(b.templates for b in plan.banks),
+            tuple(round(b.size / b.piece_size, 6) for b in plan.banks),
+        )
+
+    @property
+    def fewest_templates(self) -> int:
+        return min(self.templates)
+
+    @property
+    def smallest_ratio(self) -> float:
+        return min(self.ratios)
+
+    def describe(self) -> str:
+        if self.geometry == FULL:
+            return f"full-size templates, {self.fewest_templates} to {max(self.templates)} per bank"
+        return (
+            f"sub-layer templates, {self.fewest_templates} per bank or more, "
+            f"T/L {self.smallest_ratio:.3f} or more"
+        )
+
+
+def capacity_refusal(candidate: Capacity, initial: Capacity) -> str | None:
+    """Why a split leaving `candidate` is refused against the `initial` clusters' plan; None
+    if it is taken.
+
+    The rule: a split never costs the banks their composition. Where the initial
+    clusters afford one full-size template per bank, the split must too (the
+    authors' floor: their budget loop counts each new cluster's largest layer).
+    Below that floor every split leaves less room per bank for the same budget,
+    so it must leave no bank with fewer templates, nor with a smaller
+    template-to-piece ratio, than the initial plan's weakest bank.
+    """
+    if initial.geometry == FULL:
+        if candidate.geometry == FULL:
+            return None
+        return (
+            f"would leave sub-layer templates (T/L down to {candidate.smallest_ratio:.3f}) "
+            "where the initial clusters afford full-size ones"
+        )
+    fewer = candidate.fewest_templates < initial.fewest_templates
+    smaller = candidate.smallest_ratio < initial.smallest_ratio
+    if not (fewer or smaller):
+        return None
+    return (
+        f"would leave {candidate.fewest_templates} template(s) of T/L "
+        f"{candidate.smallest_ratio:.3f} in its weakest bank, where the initial clusters keep "
+        f"{initial.fewest_templates} of T/L {initial.smallest_ratio:.3f}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One threshold the search tried: its clusters, the capacity their plan would leave,
+    and whether it was taken.
+
+    Attributes:
+      tau: the threshold.
       clusters: how many clusters it made.
-      minimum_budget: their minimum feasible budget, above the budget.
-      reason: the same in words, for `search.json` readers.
+      minimum_budget: their minimum feasible budget.
+      capacity: the capacity of their plan under the budget; None if it does not fit.
+      taken: whether the search ended here.
+      reason: why it was taken or refused, in words.
     """
 
     tau: float
     clusters: int
     minimum_budget: int
+    capacity: Capacity | None
+    taken: bool
     reason: str
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> Candidate:
+        capacity = raw.get("capacity")
+        if capacity is not None:
+            capacity = Capacity(
+                capacity["geometry"], tuple(capacity["templates"]), tuple(capacity["ratios"])
+            )
+        return cls(
+            float(raw["tau"]),
+            int(raw["clusters"]),
+            int(raw["minimum_budget"]),
+            capacity,
+            bool(raw.get("taken", False)),
+            raw["reason"],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +199,16 @@ class SearchResult:
       coefficients: `(layer id, group per level)`: the leader's layers own their
         coefficients, other members' layers share their matched layer's.
       tau: the threshold the clusters were made with (below -1: all merged).
-      similarities: per initial cluster, the leader's gradient cosines.
+      similarities: per initial cluster, the leader's cosines.
       assignment: `(layer id, new cluster name)` for every layer.
       matches: `(layer id, leader layer id)` for every matched layer.
       leader: the member that was clustered (the largest).
       minimum_budget: the new clusters' minimum feasible budget.
       budget_params: the budget searched for, in the plan's scope.
-      refused: the thresholds tried before `tau`, whose clusters did not fit.
+      tried: every threshold tried, the last one taken, with the capacity each
+        would leave and why it was taken or refused.
+      initial: the capacity of the initial clusters' plan, the rule's reference.
+      measure: what the cosines were taken of: `"gradients"` (dL/dW) or `"weights"`.
     """
 
     clusters: tuple[Cluster, ...]
@@ -127,11 +220,23 @@ class SearchResult:
     leader: str
     minimum_budget: int
     budget_params: int
-    refused: tuple[RefusedSplit, ...] = ()
+    tried: tuple[Candidate, ...] = ()
+    initial: Capacity | None = None
+    measure: str = "gradients"
 
     @property
     def cluster_of(self) -> dict[str, str]:
         return dict(self.assignment)
+
+    @property
+    def refused(self) -> tuple[Candidate, ...]:
+        """The thresholds tried before `tau` and refused."""
+        return tuple(c for c in self.tried if not c.taken)
+
+    @property
+    def split(self) -> bool:
+        """Whether the search kept any split of the initial clusters."""
+        return len({c for _, c in self.assignment}) > len({s.cluster for s in self.similarities})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +246,7 @@ class SearchResult:
 
     @classmethod
     def from_dict(cls, raw: Mapping) -> SearchResult:
+        initial = raw.get("initial")
         return cls(
             clusters=tuple(
                 Cluster(
@@ -164,7 +270,17 @@ class SearchResult:
             leader=raw["leader"],
             minimum_budget=int(raw["minimum_budget"]),
             budget_params=int(raw["budget_params"]),
-            refused=tuple(RefusedSplit(**r) for r in raw.get("refused", ())),
+            tried=tuple(Candidate.from_dict(c) for c in raw.get("tried", raw.get("refused", ()))),
+            initial=None
+            if initial is None
+            else Capacity(
+                **{
+                    "geometry": initial["geometry"],
+                    "templates": tuple(initial["templates"]),
+                    "ratios": tuple(initial["ratios"]),
+                }
+            ),
+            measure=raw.get("measure", "gradients"),
         )
 
     @classmethod
@@ -186,12 +302,13 @@ def clusters_minimum_budget(
     coefficients and the per-member params count too; with `reserve_unsharing`,
     as many coefficient vectors as the bank has users.
     """
-    model_scope = (scope or plan.budget.scope) == "model"
+    budget = dataclasses.replace(plan.budget, scope=scope or plan.budget.scope)
+    fixed, count_coefficients = budget.counted(plan.unshared_params)
     banks = bank_layout(clusters, plan.layers, coefficients)
     return minimum_budget(
         [b.demand(reserve_unsharing) for b in banks],
-        plan.unshared_params * model_scope,
-        model_scope,
+        fixed,
+        count_coefficients,
         sublayer=plan.sublayer_templates > 0,
     )
 
@@ -199,8 +316,7 @@ def clusters_minimum_budget(
 def resolve_budget(plan: Plan, budget: Budget | None) -> int:
     """`budget` (the plan's by default) in parameters, resolved as `make_plan` does."""
     budget = budget or plan.budget
-    fixed = plan.unshared_params if budget.scope == "model" else 0
-    return budget.resolve(sum(layer.size for layer in plan.layers) + fixed)
+    return budget.resolve(model_size(plan.layers, plan.unshared, budget))
 
 
 def split_leader(
@@ -261,21 +377,30 @@ def search_clusters(
     step: float = 0.05,
     reserve_unsharing: bool = False,
     share_copies: bool = False,
+    fill: bool = True,
+    measure: str = "gradients",
 ) -> SearchResult:
-    """Splits the plan's clusters by gradient conflict, under the budget.
+    """Splits the plan's clusters by gradient conflict, as far as capacity allows.
+
+    From `tau` down in steps of `step`, the initial clusters are split at the
+    threshold and the final plan those clusters would get under the budget is
+    made; the first split whose plan keeps the initial clusters' capacity
+    (`capacity_refusal`) is taken. Below -1 everything is merged back, which
+    always keeps it.
 
     Args:
       plan: the search plan (initial clusters).
       gradients: `{layer id: dL/dW [*spatial, in, out]}`, averaged over batches;
         every layer of the largest member, and one member of each other depth.
+        Any per-layer arrays of the layers' shapes will do (`measure` names them).
       budget: the final model's budget; the plan's by default.
       tau: starting threshold: layers whose cosine is above it may share.
-      step: how much tau drops each time the clusters do not fit.
-      reserve_unsharing: the final plan will keep room for unsharing
-        (`make_plan`); its minimum then counts that room.
+      step: how much tau drops each time a split is refused.
+      reserve_unsharing, fill: as the final plan will be made (`make_plan`).
       share_copies: let a member with the same architecture as an earlier one
         share that member's coefficients (it then composes the same kernels);
         by default it owns its own (`search.matching.copies`).
+      measure: what `gradients` hold, recorded in the result.
 
     Raises:
       BudgetError: when even the merged-back clusters exceed the budget; the
@@ -286,16 +411,63 @@ def search_clusters(
     leader = largest_member(plan.layers)
     similarities = leader_similarities(plan, gradients, leader)
     matches = match_layers(plan, gradients, leader)
+    budget = budget or plan.budget
     budget_params = resolve_budget(plan, budget)
-    scope = (budget or plan.budget).scope
-    attempt, refused = 0, []
+    allocation = {"fill": fill, "reserve_unsharing": reserve_unsharing}
+    made: dict = {}
+
+    def split_at(threshold: float):
+        """(clusters, coefficients, assignment, minimum, capacity or None) at `threshold`."""
+        leader_assignment = split_leader(plan, similarities, threshold)
+        key = tuple(sorted(leader_assignment.items()))
+        if key not in made:
+            clusters, coefficients, assignment = build_clusters(
+                plan, leader_assignment, matches, share_copies
+            )
+            minimum = clusters_minimum_budget(
+                plan, clusters, coefficients, budget.scope, reserve_unsharing
+            )
+            try:
+                final = cluster_plan(plan, clusters, coefficients, budget, **allocation)
+                capacity = Capacity.of(final)
+            except BudgetError:
+                capacity = None
+            made[key] = (clusters, coefficients, assignment, minimum, capacity)
+        return made[key]
+
+    merged = split_at(-math.inf)
+    initial = merged[4]
+    if initial is None:
+        raise BudgetError(
+            f"a budget of {budget_params:,} parameters is below the minimum feasible "
+            f"{merged[3]:,} even with every initial cluster merged back ({budget.scope} scope); "
+            f"raise the budget to at least {merged[3]:,} or start from fewer clusters (bins)"
+        )
+    tried, attempt = [], 0
     while True:
         current = round(tau - attempt * step, 10)
-        clusters, coefficients, assignment = build_clusters(
-            plan, split_leader(plan, similarities, current), matches, share_copies
-        )
-        minimum = clusters_minimum_budget(plan, clusters, coefficients, scope, reserve_unsharing)
-        if minimum <= budget_params:
+        clusters, coefficients, assignment, minimum, capacity = split_at(current)
+        if capacity is None:
+            refusal = (
+                f"{len(clusters)} clusters need at least {minimum:,} parameters, "
+                f"over the budget of {budget_params:,} ({budget.scope} scope)"
+            )
+        else:
+            refusal = capacity_refusal(capacity, initial)
+            refusal = refusal and f"{len(clusters)} clusters {refusal}"
+        if refusal is None or current < -1:
+            unsplit = len(clusters) == len(merged[0])
+            reason = "the initial clusters" if unsplit else f"{len(clusters)} clusters"
+            tried.append(
+                Candidate(
+                    current,
+                    len(clusters),
+                    minimum,
+                    capacity,
+                    True,
+                    f"{reason}: {capacity.describe()}",
+                )
+            )
             return SearchResult(
                 clusters=clusters,
                 coefficients=coefficients,
@@ -306,25 +478,21 @@ def search_clusters(
                 leader=leader,
                 minimum_budget=minimum,
                 budget_params=budget_params,
-                refused=tuple(refused),
+                tried=tuple(tried),
+                initial=initial,
+                measure=measure,
             )
-        refused.append(
-            RefusedSplit(
-                current,
-                len(clusters),
-                minimum,
-                f"{len(clusters)} clusters need at least {minimum:,} parameters, "
-                f"over the budget of {budget_params:,} ({scope} scope)",
-            )
-        )
-        if current < -1:
-            break
+        tried.append(Candidate(current, len(clusters), minimum, capacity, False, refusal))
         attempt += 1
-    raise BudgetError(
-        f"a budget of {budget_params:,} parameters is below the minimum feasible {minimum:,} "
-        f"even with every initial cluster merged back ({scope} scope); raise the budget to "
-        f"at least {minimum:,} or start from fewer clusters (bins)"
-    )
+
+
+def cluster_plan(
+    plan: Plan, clusters, coefficients: CoefficientMap, budget: Budget, **allocation
+) -> Plan:
+    """The plan `clusters` get under `budget`, allocated as `plan` was unless `allocation`
+    (`make_plan`'s keywords) says otherwise."""
+    allocation.setdefault("sublayer_templates", plan.sublayer_templates)
+    return make_plan(plan.layers, plan.unshared, clusters, coefficients, budget, **allocation)
 
 
 def searched_plan(
@@ -335,12 +503,6 @@ def searched_plan(
     `allocation` goes to `make_plan` (`cap`, `passes`, `fill`, `reserve_unsharing`,
     `sublayer_templates`, which is the search plan's unless given).
     """
-    allocation.setdefault("sublayer_templates", plan.sublayer_templates)
-    return make_plan(
-        plan.layers,
-        plan.unshared,
-        result.clusters,
-        result.coefficients,
-        budget or plan.budget,
-        **allocation,
+    return cluster_plan(
+        plan, result.clusters, result.coefficients, budget or plan.budget, **allocation
     )

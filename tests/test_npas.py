@@ -15,7 +15,7 @@ import search
 from experiments import npas
 from experiments import train as train_module
 from experiments.data import load_digits, subset
-from experiments.npas import SearchConfig, gradient_batches, weight_gradients
+from experiments.npas import SearchConfig, gradient_batches, members_loss
 from experiments.train import (
     LoopConfig,
     OptimConfig,
@@ -89,6 +89,11 @@ def search_model():
     model = budgeted(pair(), BUDGET, sample_input=SAMPLE, bins=1, shared_coefficients=True)
     params, state = model.init(jax.random.key(0))
     return model, params, state
+
+
+def weight_gradients(model, params, state, batches) -> dict[str, np.ndarray]:
+    """`search.weight_gradients` with the training loss of the pipeline."""
+    return search.weight_gradients(model, params, state, batches, members_loss)
 
 
 def reference_gradients(model, params, state, images, labels) -> dict[str, np.ndarray]:
@@ -257,6 +262,47 @@ def test_run_search_clusters_cover_every_layer_exactly_once(searches):
     assert dict(result.matches).keys() == {i for i in ids if i.startswith("narrow:")}
     for narrow, wide in result.matches:
         assert found[narrow] == found[wide] and wide.startswith("wide:")
+
+
+def cropped_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two kernels `[*spatial, in, out]` on their common top-left block."""
+    cin, cout = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+    a, b = a[..., :cin, :cout].ravel(), b[..., :cin, :cout].ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_weights_similarity_compares_the_trained_kernels(digits):
+    config = dataclasses.replace(CONFIG, similarity="weights")
+    searcher, result, state = npas.run_search(
+        pair(),
+        digits,
+        BUDGET,
+        SAMPLE,
+        LOOP,
+        OPTIM,
+        config,
+        bins=1,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.measure == "weights"
+    # Every layer owns its coefficients in this search phase, so the kernels can differ.
+    assert all(len(bank.groups) == bank.users for bank in searcher.plan.banks)
+    kernels = {
+        layer.id: np.asarray(tree.flatten(params)[layer.path])
+        for member, params in searcher.member_params(state.params).items()
+        for layer in searcher.plan.layers
+        if layer.member == member
+    }
+    (entry,) = result.similarities
+    assert entry.layers == ("wide:stem.kernel", "wide:conv1.kernel", "wide:conv2.kernel")
+    expected = [
+        [cropped_cosine(kernels[a], kernels[b]) for b in entry.layers] for a in entry.layers
+    ]
+    np.testing.assert_allclose(entry.array, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(entry.array - np.eye(3)).max() > 1e-3  # the kernels are not all alike
+    plan = search.searched_plan(searcher.plan, result, BUDGET)
+    assert plan.spent <= plan.budget_params == 1500
 
 
 def test_run_search_result_makes_a_plan_within_the_budget(searches):

@@ -165,24 +165,70 @@ def test_search_lowers_tau_until_the_clusters_fit():
     assert SearchResult.from_json(result.to_json()) == result
 
 
-def test_sublayer_templates_let_the_search_split_at_a_tight_budget():
-    # The same conflict and budget: with sub-layer templates a split costs two small
-    # templates, not two full ones, so the first threshold's split fits.
+def test_a_split_that_affords_full_size_templates_is_taken_and_stays_full_size():
+    # Two groups of layers with opposite gradients (cosine -0.32 < tau 0.1). The budget,
+    # 2 * SQUARE + 10, holds one full-size template for each half: the split's plan keeps
+    # the paper's geometry, so the first threshold's split is taken.
+    layers = square_layers()
+    plan = search_plan(layers, sublayer_templates=1)
+    budget = Budget(params=2 * SQUARE + 10)
+    result = search_clusters(plan, grouped_gradients(layers, -0.32), budget)
+    assert (result.tau, len(result.clusters), result.refused) == (0.1, 2, ())
+    final = searched_plan(plan, result, budget, fill=False)
+    assert not final.sublayer
+    assert [(b.piece_size, b.templates) for b in final.banks] == [(SQUARE, 1), (SQUARE, 1)]
+    assert result.tried[-1].taken and result.tried[-1].capacity.geometry == "full"
+
+
+def test_a_split_that_would_force_sublayer_templates_is_refused_and_recorded():
+    # The same conflict at SQUARE + 10: the merged cluster affords one full-size template,
+    # two clusters would need 2 * SQUARE at full size, so their plan would be sub-layer
+    # (worked by hand: each half gets one template of at most (SQUARE + 10) / 2 entries).
+    # The rule refuses every split down to the threshold where the halves merge again.
     layers = square_layers()
     plan = search_plan(layers, sublayer_templates=2)
     budget = Budget(params=SQUARE + 10)
     result = search_clusters(plan, grouped_gradients(layers, -0.32), budget)
-    assert (result.tau, len(result.clusters), result.refused) == (0.1, 2, ())
-    assert result.minimum_budget < SQUARE // 4
-    final = searched_plan(plan, result, budget, sublayer_templates=2)
-    assert final.sublayer and final.spent <= SQUARE + 10
-    # ... and the minimum of four layers apart is what make_plan states below it.
-    rng = np.random.default_rng(0)  # independent gradients: every cosine near 0 < tau
+    assert (result.tau, len(result.clusters)) == (pytest.approx(-0.35), 1)
+    assert result.initial.geometry == "full"
+    assert [c.tau for c in result.refused] == pytest.approx([0.1 - 0.05 * n for n in range(9)])
+    for refused in result.refused:
+        assert refused.clusters == 2 and refused.capacity.geometry == "sub-layer"
+        assert max(refused.capacity.ratios) <= (SQUARE + 10) / 2 / SQUARE
+        assert "where the initial clusters afford full-size ones" in refused.reason
+    assert result.tried[-1].taken and result.tried[-1].reason.startswith("the initial clusters")
+    assert not searched_plan(plan, result, budget).sublayer
+    assert SearchResult.from_json(result.to_json()) == result
+
+
+def test_below_the_floor_a_split_that_shrinks_the_templates_is_refused():
+    # At SQUARE // 2 even the merged cluster is sub-layer: one template T of 4 own
+    # coefficient rows costs T + 4 * ceil(SQUARE / T) <= 288, so T is about 270 (T/L ~ 0.47).
+    # Two clusters must fit two such banks in the same 288: T/L falls to about 0.23.
+    layers = square_layers()
+    plan = search_plan(layers, sublayer_templates=1)
+    budget = Budget(params=SQUARE // 2)
+    result = search_clusters(plan, grouped_gradients(layers, -0.32), budget)
+    assert len(result.clusters) == 1 and result.initial.geometry == "sub-layer"
+    assert 0.4 < result.initial.smallest_ratio < 0.5
+    # Kept whole, the search's final plan is the no-search model's own plan.
+    no_search = make_plan(
+        layers,
+        [],
+        plan.clusters,
+        own_coefficients(plan.clusters, layers),
+        budget,
+        sublayer_templates=1,
+    )
+    assert searched_plan(plan, result, budget) == no_search
+    split = result.refused[0]
+    assert split.clusters == 2 and split.capacity.smallest_ratio < 0.25
+    assert "where the initial clusters keep 1 of T/L" in split.reason
+    # Independent gradients (every cosine near 0 < tau) would split into four: refused too.
+    rng = np.random.default_rng(0)
     unrelated = {x.id: rng.normal(size=x.shape) for x in layers}
-    apart = search_clusters(plan, unrelated, Budget(params=SQUARE // 2))
-    assert len(apart.clusters) == 4
-    with pytest.raises(BudgetError, match=f"minimum feasible {apart.minimum_budget:,} "):
-        searched_plan(plan, apart, Budget(params=apart.minimum_budget - 1))
+    apart = search_clusters(plan, unrelated, budget)
+    assert len(apart.clusters) == 1 and apart.refused[0].clusters == 4
 
 
 def test_search_merges_everything_back_at_the_end():
