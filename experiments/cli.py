@@ -167,9 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     npas.add_argument(
         "--similarity",
         default=SearchConfig.similarity,
-        choices=SIMILARITIES,
-        help="compare layers by their loss gradients (the paper's measure) or by their "
-        "trained weights (the measure of SSN-style methods)",
+        help=f"what the search compares layers by: {' or '.join(SIMILARITIES)} (the paper's "
+        "measure is the loss gradients; SSN-style methods compare the trained weights)",
     )
         help="start the final model from the search phase's weights",
     )

@@ -6,7 +6,8 @@ python -m experiments.ensemble_sweep --preset digits --seeds 0,1,2    # embedded
 For every ensemble (members of different depths from one bank, and equal members) and seed it
 trains the fully-parameterized ensemble, then SuperWeight ensembles of the same members with
 the search and unsharing at each budget (model scope: a share of the full ensemble's
-trainable parameters, 83% and 60% by default). Every run has the base config's recipe.
+trainable parameters, 83% and 60% by default), and with `--no-search-arm` the same budgets
+on the initial clusters, without the search. Every run has the base config's recipe.
 Writes `results.csv` (a row per run), `results.md` (mean ± spread over the seeds: ensemble
 accuracy, NLL, diversity and each member's accuracy) and `ensembles.png` to `--output-dir`.
 """
@@ -41,6 +42,8 @@ from superweights import BudgetError  # noqa: E402
 
 FULL = "full"
 """The arm of the fully-parameterized ensemble (no budget)."""
+NO_SEARCH = " no search"
+"""Suffix of an arm that trains the budget on the initial clusters (`"83% no search"`)."""
 METRICS = ("accuracy", "nll", "diversity")
 
 
@@ -52,6 +55,13 @@ class EnsembleSweep:
     ensembles: tuple[tuple[str, str], ...]
     budgets: tuple[str, ...] = ("83%", "60%")
     seeds: tuple[int, ...] = (0, 1, 2)
+    no_search: bool = False
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The full ensemble, each budget, and each budget without the search if asked."""
+        plain = tuple(f"{b}{NO_SEARCH}" for b in self.budgets) if self.no_search else ()
+        return (FULL, *self.budgets, *plain)
 
 
 def _ensemble_base(name: str) -> RunConfig:
@@ -99,11 +109,17 @@ class Result:
 
 
 def run_config(base: RunConfig, members: str, arm: str, seed: int) -> RunConfig:
-    """`base` for one arm: the full ensemble (`dense`) or a budgeted one at `arm`."""
+    """`base` for one arm: the full ensemble (`dense`) or a budgeted one at `arm`, searched
+    unless the arm ends in `NO_SEARCH`."""
     loop = dataclasses.replace(base.loop, seed=seed)
     if arm == FULL:
         return dataclasses.replace(base, arch=members, dense=True, loop=loop)
-    return dataclasses.replace(base, arch=members, budget=arm, dense=False, loop=loop)
+    searched = not arm.endswith(NO_SEARCH)
+    search = dataclasses.replace(base.search, search=searched)
+    budget = arm.removesuffix(NO_SEARCH)
+    return dataclasses.replace(
+        base, arch=members, budget=budget, dense=False, loop=loop, search=search
+    )
 
 
 def unshare_text(record: dict | None) -> str:
@@ -130,13 +146,15 @@ def run_ensemble_sweep(
     for budget in sweep.budgets:  # refuse a bad budget before anything trains
         for _, members in sweep.ensembles:
             minimum_budget_check(run_config(sweep.base, members, budget, sweep.seeds[0]))
-    arms = (FULL, *sweep.budgets)
+    arms = sweep.arms
     total = len(sweep.ensembles) * len(arms) * len(sweep.seeds)
     results: list[Result] = []
     for label, members in sweep.ensembles:
         for seed in sweep.seeds:
             for arm in arms:
-                name = f"{label}-{FULL if arm == FULL else budget_slug(arm)}-s{seed}"
+                slug = FULL if arm == FULL else budget_slug(arm.removesuffix(NO_SEARCH))
+                slug += "-no-search" if arm.endswith(NO_SEARCH) else ""
+                name = f"{label}-{slug}-s{seed}"
                 log(f"[{len(results) + 1}/{total}] {label} ({members}), {arm}, seed {seed}")
                 config = run_config(sweep.base, members, arm, seed)
                 config = dataclasses.replace(config, output_dir=str(out / "runs" / name))
@@ -297,22 +315,30 @@ def ensembles_figure(results: Sequence[Result], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     titles = {"accuracy": "test accuracy (%)", "nll": "test NLL", "diversity": "diversity"}
     for label in dict.fromkeys(a.first.ensemble for a in grouped):
-        line = [a for a in grouped if a.first.ensemble == label]
-        full = next((a for a in line if a.first.arm == FULL), None)
+        ensemble = [a for a in grouped if a.first.ensemble == label]
+        full = next((a for a in ensemble if a.first.arm == FULL), None)
         if full is None:
             continue
-        line.sort(key=lambda a: a.mean("trainable_params"))
-        shares = [100 * a.mean("trainable_params") / full.mean("trainable_params") for a in line]
-        for ax, metric in zip(axes, METRICS, strict=True):
-            scale = 100 if metric == "accuracy" else 1
-            ax.errorbar(
-                shares,
-                [scale * a.mean(metric) for a in line],
-                yerr=[scale * a.spread(metric) for a in line],
-                marker="o",
-                capsize=3,
-                label=f"{label} ({line[0].first.members})",
-            )
+        plain = [a for a in ensemble if a.first.arm.endswith(NO_SEARCH)]
+        searched = [a for a in ensemble if a not in plain]
+        for line, suffix in ((searched, ""), (plain + [full], ", no search")):
+            if len(line) < 2:
+                continue
+            line.sort(key=lambda a: a.mean("trainable_params"))
+            shares = [
+                100 * a.mean("trainable_params") / full.mean("trainable_params") for a in line
+            ]
+            for ax, metric in zip(axes, METRICS, strict=True):
+                scale = 100 if metric == "accuracy" else 1
+                ax.errorbar(
+                    shares,
+                    [scale * a.mean(metric) for a in line],
+                    yerr=[scale * a.spread(metric) for a in line],
+                    marker="o" if not suffix else "s",
+                    linestyle="-" if not suffix else "--",
+                    capsize=3,
+                    label=f"{label} ({line[0].first.members}){suffix}",
+                )
     for ax, metric in zip(axes, METRICS, strict=True):
         ax.set_xlabel("parameters (% of the fully-parameterized ensemble)")
         ax.set_title(titles[metric])
@@ -346,6 +372,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ensembles", default=None, help="comma-separated labels of the preset's ensembles"
     )
     parser.add_argument(
+        "--no-search-arm",
+        action="store_true",
+        help="train every budget on the initial clusters too (the no-search baseline)",
+    )
+    parser.add_argument(
         "--from-csv",
         nargs="+",
         default=None,
@@ -374,7 +405,14 @@ def sweep_from_args(args: argparse.Namespace) -> EnsembleSweep:
         if unknown:
             raise ValueError(f"unknown ensembles {unknown}; --preset {args.preset} has {known}")
         ensembles = tuple(e for e in sweep.ensembles if e[0] in wanted)
-    return dataclasses.replace(sweep, base=base, budgets=budgets, seeds=seeds, ensembles=ensembles)
+    return dataclasses.replace(
+        sweep,
+        base=base,
+        budgets=budgets,
+        seeds=seeds,
+        ensembles=ensembles,
+        no_search=args.no_search_arm,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

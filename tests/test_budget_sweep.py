@@ -16,6 +16,8 @@ from experiments.budget_sweep import (
     width_name,
     wrn_params,
 )
+from experiments.config import initial_plan
+from superweights import Budget
 
 # wrn-10-1 on digits: the smallest feasible banks budget is 1.70%, so 1% is skipped; 5% is
 # below the full-size floor (66%), 70% above it.
@@ -30,9 +32,11 @@ TINY = presets.with_overrides(
 BUDGETS = ("1%", "5%", "70%")
 EXPECTED_ROWS = [
     ("search", "5%"),
+    ("search-weights", "5%"),
     ("no-search", "5%"),
     ("reduced-width", "5%"),
     ("search", "70%"),
+    ("search-weights", "70%"),
     ("no-search", "70%"),
     ("reduced-width", "70%"),
     ("full", ""),
@@ -67,8 +71,8 @@ def test_sweep_writes_the_csv_with_one_row_per_run(sweep):
         assert 0.0 <= float(row["test_accuracy"]) <= 1.0
         assert float(row["seconds"]) > 0
     archs = [r["arch"] for r in rows]
-    assert archs[:2] == archs[3:5] == ["wrn-10-1"] * 2 and archs[-1] == "wrn-10-1"
-    assert all(a.startswith("wrn-10-") and a != "wrn-10-1" for a in (archs[2], archs[5]))
+    assert archs[:3] == archs[4:7] == ["wrn-10-1"] * 3 and archs[-1] == "wrn-10-1"
+    assert all(a.startswith("wrn-10-") and a != "wrn-10-1" for a in (archs[3], archs[7]))
 
 
 def test_sweep_budgets_and_baselines_have_the_expected_sizes(sweep):
@@ -110,8 +114,24 @@ def test_sweep_skips_infeasible_budgets_with_a_note(sweep):
     assert lines[0].startswith(note)
     assert f"- {note}" in (out / "results.md").read_text()
     progress = [line for line in lines if line.startswith("[")]
-    assert progress[0] == "[1/7] SuperWeights + search, wrn-10-1, budget 5%"
-    assert progress[-1] == "[7/7] full model, wrn-10-1, budget -"
+    assert progress[0] == "[1/9] SuperWeights + search, wrn-10-1, budget 5%"
+    assert progress[1] == "[2/9] SuperWeights + search (weights), wrn-10-1, budget 5%"
+    assert progress[-1] == "[9/9] full model, wrn-10-1, budget -"
+
+
+def brute_force_minimum(config) -> tuple[int, int]:
+    """`(smallest feasible banks budget, shared kernels' size)` of `config`'s initial clusters,
+    by brute force: each bank's cheapest single template over every size T, which costs
+    T + groups * ceil(L / T) below full size and L at full size."""
+    plan = initial_plan(config, Budget(fraction=1.0))
+    minimum = sum(
+        min(
+            [b.piece_size]
+            + [t + len(b.groups) * -(-b.piece_size // t) for t in range(1, b.piece_size)]
+        )
+        for b in plan.banks
+    )
+    return minimum, sum(layer.size for layer in plan.layers)
 
 
 def test_feasible_budgets_keeps_the_order_and_notes_the_minimum():
@@ -119,7 +139,8 @@ def test_feasible_budgets_keeps_the_order_and_notes_the_minimum():
     kept, notes = feasible_budgets(base, ("2%", "0.5%", "5%", "0.1%", "200k"))
     assert kept == ["2%", "5%", "200k"]
     assert [n.split(":")[0] for n in notes] == ["skipped budget 0.5%", "skipped budget 0.1%"]
-    assert "3,058 = 0.83% (banks scope) with 4 bins" in notes[0]
+    minimum, size = brute_force_minimum(base)
+    assert f"{minimum:,} = {minimum / size:.2%} (banks scope) with 4 bins" in notes[0]
 
 
 def test_no_feasible_budget_is_an_error(tmp_path):
@@ -188,6 +209,7 @@ def test_every_method_keeps_the_base_recipe():
     base = presets.get("cifar100-wrn-28-10-b25")
     for method, budget, arch in [
         ("search", "15%", "wrn-28-10"),
+        ("search-weights", "15%", "wrn-28-10"),
         ("no-search", "15%", "wrn-28-10"),
         ("reduced-width", "15%", "wrn-28-3.5"),
         ("full", None, "wrn-28-10"),
@@ -196,9 +218,11 @@ def test_every_method_keeps_the_base_recipe():
         assert (config.loop, config.optim, config.dataset) == (base.loop, base.optim, base.dataset)
         assert config.arch == arch and config.dense == (method in ("reduced-width", "full"))
         if not config.dense:
-            assert config.budget == budget and config.search.search == (method == "search")
+            assert config.budget == budget and config.search.search == (method != "no-search")
+            similarity = "weights" if method == "search-weights" else "gradients"
+            assert config.search.similarity == similarity
             rest = dataclasses.replace(config.search, search=base.search.search)
-            assert rest == base.search
+            assert dataclasses.replace(rest, similarity=base.search.similarity) == base.search
 
 
 def test_sweep_presets_and_command_line_overrides():
@@ -216,9 +240,9 @@ def test_sweep_presets_and_command_line_overrides():
 
 
 def test_results_csv_leaves_the_full_models_budget_empty():
-    text = budget_sweep.results_csv([Result("full", None, 3, "wrn-10-1", 7, 0.5, 1.25)])
-    assert text == "method,budget,seed,arch,trainable_params,test_accuracy,seconds\n" + (
-        "full,,3,wrn-10-1,7,0.5,1.2\n"
+    text = budget_sweep.results_csv([Result("full", None, 3, "wrn-10-1", 7, 0.5, 1.25, 0)])
+    assert text == "method,budget,seed,arch,trainable_params,test_accuracy,seconds,clusters\n" + (
+        "full,,3,wrn-10-1,7,0.5,1.2,0\n"
     )
 
 
@@ -250,6 +274,7 @@ def test_the_fashion_sweep_budgets_are_all_feasible():
     sweep = budget_sweep.SWEEPS["fashion"]
     assert sweep.base == presets.get("fashion_mnist-wrn-16-1-b50")
     kept, notes = budget_sweep.feasible_budgets(sweep.base, sweep.budgets)
-    assert kept == list(sweep.budgets) and notes == []  # its minimum is 1.10%
+    minimum, size = brute_force_minimum(sweep.base)
+    assert kept == list(sweep.budgets) and notes == [] and minimum < 0.02 * size
     kept, notes = budget_sweep.feasible_budgets(sweep.base, ("1%", "2%"))
-    assert kept == ["2%"] and "1,907 = 1.10%" in notes[0]
+    assert kept == ["2%"] and f"{minimum:,} = {minimum / size:.2%}" in notes[0]

@@ -246,6 +246,7 @@ BAD_SETTINGS = [
     (["--lr", "nan"], "--lr must be a finite number (positive), got nan"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["--weight-decay=-1e-4"], "--weight-decay must be zero or more"),
+    (["--similarity", "cosine"], "--similarity must be one of gradients, weights; got 'cosine'"),
     (["--tau", "1.5"], "--tau is a cosine similarity, in [-1, 1]; got 1.5"),
     (["--epochs", "2", "--search-epochs", "3"], "--search-epochs (3) must be at most"),
     (

@@ -105,6 +105,19 @@ def test_run_config_sets_the_arm_and_keeps_the_recipe():
     assert dataclasses.replace(full, dense=False, budget="60%") == budgeted
 
 
+def test_the_no_search_arm_trains_the_budget_on_the_initial_clusters():
+    args = ensemble_sweep.parse_args(["--preset", "digits", "--budgets", "83%", "--no-search-arm"])
+    sweep = ensemble_sweep.sweep_from_args(args)
+    assert sweep.arms == (FULL, "83%", "83% no search")
+    searched = run_config(TINY, MEMBERS, "83%", 1)
+    plain = run_config(TINY, MEMBERS, "83% no search", 1)
+    assert searched.search.search and not plain.search.search
+    assert plain.budget == "83%"
+    assert dataclasses.replace(plain, search=searched.search) == searched
+    without = ensemble_sweep.sweep_from_args(ensemble_sweep.parse_args(["--budgets", "83%"]))
+    assert without.arms == (FULL, "83%")
+
+
 def test_an_infeasible_budget_is_refused_before_training(tmp_path):
     config = EnsembleSweep(TINY, (("depths", MEMBERS),), budgets=("0.5%",), seeds=(0,))
     with pytest.raises(ensemble_sweep.BudgetError, match="below its minimum"):
