@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -38,3 +40,38 @@ def test_library_use_and_bring_your_own_model_examples_run():
         if "Member(" in block:
             assert [layer.path for layer in model.plan.layers] == ["conv"]
     assert ns["dense"]["head"]["kernel"].shape[-1] == 10  # the first example's export
+
+
+def test_the_mixed_precision_example_computes_in_bf16_on_float32_params():
+    (block,) = python_blocks("## Mixed precision", "## Several devices and hosts")
+    ns: dict = {}
+    exec(compile(block, str(README), "exec"), ns)  # noqa: S102
+    logits = ns["logits"]["model"]
+    assert logits.shape == (8, 10) and logits.dtype == jnp.bfloat16
+    assert [layer.path for layer in ns["model"].plan.layers] == ["Dense_0.kernel", "Dense_1.kernel"]
+    for tree in (ns["params"], ns["dense"]):
+        assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)} == {"float32"}
+    plain = ns["MLP"]().apply({"params": ns["dense"]}, ns["features"])  # float32 throughout
+    scale = float(np.abs(plain).max())
+    np.testing.assert_allclose(logits.astype(np.float32), plain, atol=0.03 * scale)
+
+
+def test_the_search_in_your_own_training_loop_runs():
+    setup = python_blocks("## Library use", "## Bring your own model")[0]
+    (block,) = python_blocks(
+        "### The search in your own training loop", "## Ensembles and anytime prediction"
+    )
+    ns: dict = {}
+    exec(compile(setup.split("model = archs.create")[0], str(README), "exec"), ns)  # noqa: S102
+    exec(compile(block, str(README), "exec"), ns)  # noqa: S102
+    searcher, result, final = ns["searcher"], ns["result"], ns["final"]
+    assert float(ns["value"]) < 2.3  # the plain loop trained: below chance's log(10)
+    layer_ids = {layer.id for layer in searcher.plan.layers}
+    assert {i for c in result.clusters for i in c.layers} == layer_ids
+    assert set(ns["grads"]) == layer_ids
+    assert final.plan.clusters == result.clusters
+    assert final.plan.spent <= final.plan.budget_params == ns["budget"].resolve(
+        sum(layer.size for layer in searcher.plan.layers)
+    )
+    assert result.tried[-1].taken and all(not c.taken for c in result.tried[:-1])
+    assert set(ns["final_params"]) == {"bank", "unshared"}
