@@ -312,6 +312,24 @@ def results_csv(results: Sequence[Result]) -> str:
     return buffer.getvalue()
 
 
+def read_results(path: str | Path) -> list[Result]:
+    """The rows of a `results.csv` written by `results_csv`, back as `Result`s."""
+    with Path(path).open() as f:
+        return [
+            Result(
+                row["method"],
+                row["budget"] or None,
+                int(row["seed"]),
+                row["arch"],
+                int(row["trainable_params"]),
+                float(row["test_accuracy"]),
+                float(row["seconds"]),
+                int(row.get("clusters") or 0),
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
 def method_label(result: Result) -> str:
     if result.method in ("reduced-width", "full"):
         return f"{LABELS[result.method]} ({result.arch})"
@@ -354,19 +372,22 @@ def rows(results: Sequence[Result]) -> list[Row]:
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    """| method | budget | trainable params | test accuracy |: per method and budget, the mean
-    accuracy, and `± std` over the seeds where there are several."""
+    """| method | budget | trainable params | test accuracy | clusters |: per method and budget,
+    the mean accuracy, `± std` over the seeds where there are several, and each seed's number
+    of clusters in the final model."""
     lines = [
-        "| method | budget | trainable params | test accuracy |",
-        "| --- | ---: | ---: | ---: |",
+        "| method | budget | trainable params | test accuracy | clusters |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows(results):
         accuracy = f"{row.accuracy:.2%}"
         if len(row.runs) > 1:
             accuracy += f" ± {row.spread:.2%}"
+        dense = row.first.method in ("reduced-width", "full")
+        clusters = "-" if dense else "/".join(str(r.clusters) for r in row.runs)
         lines.append(
             f"| {method_label(row.first)} | {row.first.budget or '-'} | "
-            f"{row.trainable_params:,} | {accuracy} |"
+            f"{row.trainable_params:,} | {accuracy} | {clusters} |"
         )
     return "\n".join(lines)
 
@@ -446,6 +467,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", default=None, help=f"comma-separated among {','.join(METHODS)} (default all)"
     )
+    parser.add_argument(
+        "--from-csv",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="train nothing: write the table and figure of these results.csv files together",
+    )
     return parser.parse_args(argv)
 
 
@@ -479,7 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or f"runs/budget-sweep-{args.preset}"
     start = time.perf_counter()
     try:
-        run_sweep(sweep_from_args(args), output_dir, verbose=args.verbose)
+        if args.from_csv:
+            results = [r for path in args.from_csv for r in read_results(path)]
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            write_results(results, [], Path(output_dir))
+            print(markdown_table(results))
+        else:
+            run_sweep(sweep_from_args(args), output_dir, verbose=args.verbose)
     except (BudgetError, ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"budget_sweep: error: {error}", file=sys.stderr)
         return 2

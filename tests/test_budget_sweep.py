@@ -96,11 +96,14 @@ def test_sweep_writes_the_markdown_table_and_the_figure(sweep):
     results, out, lines = sweep
     text = (out / "results.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert table[0] == "| method | budget | trainable params | test accuracy |"
+    assert table[0] == "| method | budget | trainable params | test accuracy | clusters |"
     assert len(table) == 2 + len(EXPECTED_ROWS)
     assert table[2].startswith("| SuperWeights + search | 5% | ")
     assert table[-1].startswith(f"| full model (wrn-10-1) | - | {results[-1].trainable_params:,} |")
-    assert all(line.endswith("% |") for line in table[2:])
+    for line, result in zip(table[2:], results, strict=True):
+        dense = result.method in ("reduced-width", "full")
+        assert line.endswith(" | - |" if dense else f"% | {result.clusters} |")
+        assert dense or result.clusters >= 1
     assert "\n".join(table) in "\n".join(lines)  # the table is printed too
     png = (out / "accuracy_vs_params.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -249,15 +252,31 @@ def test_results_csv_leaves_the_full_models_budget_empty():
 def test_the_table_gives_mean_and_spread_over_seeds():
     accuracies = (0.90, 0.92, 0.97)
     runs = [
-        Result("search", "5%", s, "wrn-10-1", 100 + s, a, 1.0) for s, a in enumerate(accuracies)
+        Result("search", "5%", s, "wrn-10-1", 100 + s, a, 1.0, 4 + s)
+        for s, a in enumerate(accuracies)
     ]
     runs.append(Result("full", None, 0, "wrn-10-1", 900, 0.99, 1.0))
     table = budget_sweep.markdown_table(runs).splitlines()
     mean = sum(accuracies) / 3
     spread = (sum((a - mean) ** 2 for a in accuracies) / 2) ** 0.5
-    assert table[2] == f"| SuperWeights + search | 5% | 101 | {mean:.2%} ± {spread:.2%} |"
-    assert table[3] == "| full model (wrn-10-1) | - | 900 | 99.00% |"
+    assert table[2] == f"| SuperWeights + search | 5% | 101 | {mean:.2%} ± {spread:.2%} | 4/5/6 |"
+    assert table[3] == "| full model (wrn-10-1) | - | 900 | 99.00% | - |"
     assert len(table) == 4
+
+
+def test_results_read_back_from_csv_make_the_same_table(tmp_path):
+    runs = [
+        Result("search", "5%", 0, "wrn-10-1", 101, 0.9, 1.5, 6),
+        Result("no-search", "5%", 0, "wrn-10-1", 101, 0.8, 1.5, 5),
+        Result("full", None, 0, "wrn-10-1", 900, 0.99, 2.0, 0),
+    ]
+    path = tmp_path / "results.csv"
+    path.write_text(budget_sweep.results_csv(runs))
+    assert budget_sweep.read_results(path) == runs
+    out = tmp_path / "merged"
+    assert budget_sweep.main(["--from-csv", str(path), str(path), "--output-dir", str(out)]) == 0
+    table = (out / "results.md").read_text().splitlines()
+    assert table[2] == "| SuperWeights + search | 5% | 101 | 90.00% ± 0.00% | 6/6 |"
 
 
 def test_seeds_from_the_command_line():
