@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 from scipy.cluster import hierarchy
@@ -368,6 +369,16 @@ def leader_similarities(
     return tuple(result)
 
 
+class _Split(NamedTuple):
+    """The initial clusters split at one threshold, and the capacity of their plan."""
+
+    clusters: tuple[Cluster, ...]
+    coefficients: CoefficientMap
+    assignment: dict[str, str]
+    minimum: int
+    capacity: Capacity | None  # None: the clusters do not fit the budget
+
+
 def search_clusters(
     plan: Plan,
     gradients: Mapping[str, np.ndarray],
@@ -414,10 +425,9 @@ def search_clusters(
     budget = budget or plan.budget
     budget_params = resolve_budget(plan, budget)
     allocation = {"fill": fill, "reserve_unsharing": reserve_unsharing}
-    made: dict = {}
+    made: dict[tuple, _Split] = {}
 
-    def split_at(threshold: float):
-        """(clusters, coefficients, assignment, minimum, capacity or None) at `threshold`."""
+    def split_at(threshold: float) -> _Split:
         leader_assignment = split_leader(plan, similarities, threshold)
         key = tuple(sorted(leader_assignment.items()))
         if key not in made:
@@ -432,16 +442,17 @@ def search_clusters(
                 capacity = Capacity.of(final)
             except BudgetError:
                 capacity = None
-            made[key] = (clusters, coefficients, assignment, minimum, capacity)
+            made[key] = _Split(clusters, coefficients, assignment, minimum, capacity)
         return made[key]
 
     merged = split_at(-math.inf)
-    initial = merged[4]
+    initial = merged.capacity
     if initial is None:
         raise BudgetError(
             f"a budget of {budget_params:,} parameters is below the minimum feasible "
-            f"{merged[3]:,} even with every initial cluster merged back ({budget.scope} scope); "
-            f"raise the budget to at least {merged[3]:,} or start from fewer clusters (bins)"
+            f"{merged.minimum:,} even with every initial cluster merged back ({budget.scope} "
+            f"scope); raise the budget to at least {merged.minimum:,} or start from fewer "
+            "clusters (bins)"
         )
     tried, attempt = [], 0
     while True:
@@ -456,7 +467,7 @@ def search_clusters(
             refusal = capacity_refusal(capacity, initial)
             refusal = refusal and f"{len(clusters)} clusters {refusal}"
         if refusal is None or current < -1:
-            unsplit = len(clusters) == len(merged[0])
+            unsplit = len(clusters) == len(merged.clusters)
             reason = "the initial clusters" if unsplit else f"{len(clusters)} clusters"
             tried.append(
                 Candidate(
