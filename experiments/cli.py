@@ -159,17 +159,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batches averaged for the search gradients",
     )
     npas.add_argument(
-        "--tau", type=float, default=SearchConfig.tau, help="starting similarity threshold"
-    )
-    npas.add_argument(
-        "--warm-start",
-        action="store_true",
-    npas.add_argument(
         "--similarity",
         default=SearchConfig.similarity,
         help=f"what the search compares layers by: {' or '.join(SIMILARITIES)} (the paper's "
         "measure is the loss gradients; SSN-style methods compare the trained weights)",
     )
+    npas.add_argument(
+        "--tau", type=float, default=SearchConfig.tau, help="starting similarity threshold"
+    )
+    npas.add_argument(
+        "--warm-start",
+        action="store_true",
         help="start the final model from the search phase's weights",
     )
     npas.add_argument(
@@ -234,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 else args.search_epochs
             ),
             gradient_batches=args.gradient_batches,
+            similarity=args.similarity,
             tau=args.tau,
             warm_start=args.warm_start,
             unshare_epoch=(
@@ -241,7 +242,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 if args.unshare_epoch is None
                 else args.unshare_epoch
             ),
-            similarity=args.similarity,
         ),
     )
 

@@ -338,6 +338,8 @@ def search_summary(result, plan) -> str:
             f"  {len(result.refused)} thresholds refused first; at tau {first.tau:.2f}: "
             f"{first.reason}"
         )
+    if result.tried:
+        lines.append(f"  taken: {result.tried[-1].reason}")
     for cluster in plan.clusters:
         layers = [i.split(":", 1)[-1].removesuffix(".kernel") for i in cluster.layers]
         shown = ", ".join(layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")
@@ -345,8 +347,6 @@ def search_summary(result, plan) -> str:
     return "\n".join(lines)
 
 
-    if result.tried:
-        lines.append(f"  taken: {result.tried[-1].reason}")
 def ensemble_summary(model, state, dataset, batch_size: int, run_dir: RunDir, log) -> dict:
     """Diversity, anytime curves (members cheapest first, and each member's early exits,
     against FLOPs) and parameter saving.
