@@ -443,7 +443,8 @@ def write_results(results: Sequence[Result], notes: Sequence[str], out: Path) ->
 def sweep_parser(
     prog: str, description: str, choices: Sequence[str], default: str, output: str, budgets: str
 ) -> argparse.ArgumentParser:
-    """The options every sweep script takes: preset, output, budgets, seeds, epochs, verbose."""
+    """The options every sweep script takes: preset, output, budgets, seeds, epochs, verbose,
+    and `--from-csv` to merge earlier results."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--preset", default=default, choices=sorted(choices))
     parser.add_argument("--output-dir", default=None, help=f"default: {output}")
@@ -451,6 +452,13 @@ def sweep_parser(
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--verbose", action="store_true", help="every run's own log")
+    parser.add_argument(
+        "--from-csv",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="train nothing: write the table and figure of these results.csv files together",
+    )
     return parser
 
 
@@ -466,13 +474,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="the data set's files (CIFAR)")
     parser.add_argument(
         "--methods", default=None, help=f"comma-separated among {','.join(METHODS)} (default all)"
-    )
-    parser.add_argument(
-        "--from-csv",
-        nargs="+",
-        default=None,
-        metavar="CSV",
-        help="train nothing: write the table and figure of these results.csv files together",
     )
     return parser.parse_args(argv)
 

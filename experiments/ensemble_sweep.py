@@ -376,13 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train every budget on the initial clusters too (the no-search baseline)",
     )
-    parser.add_argument(
-        "--from-csv",
-        nargs="+",
-        default=None,
-        metavar="CSV",
-        help="train nothing: write the table and figure of these results.csv files together",
-    )
     return parser.parse_args(argv)
 
 
