@@ -16,9 +16,11 @@ Stem = Literal["cifar", "imagenet"]
 class Projection(nnx.Module):
     """1x1 conv + BN shortcut used when a block changes shape."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv = conv(in_channels, out_channels, 1, stride, rngs)
-        self.bn = batch_norm(out_channels, rngs)
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None
+    ):
+        self.conv = conv(in_channels, out_channels, 1, stride, rngs, dtype)
+        self.bn = batch_norm(out_channels, rngs, dtype)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.bn(self.conv(x), use_running_average=not train)
@@ -29,14 +31,14 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, channels: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None):
         out_channels = channels * self.expansion
-        self.conv1 = conv(in_channels, channels, 3, stride, rngs)
-        self.bn1 = batch_norm(channels, rngs)
-        self.conv2 = conv(channels, out_channels, 3, 1, rngs)
-        self.bn2 = batch_norm(out_channels, rngs)
+        self.conv1 = conv(in_channels, channels, 3, stride, rngs, dtype)
+        self.bn1 = batch_norm(channels, rngs, dtype)
+        self.conv2 = conv(channels, out_channels, 3, 1, rngs, dtype)
+        self.bn2 = batch_norm(out_channels, rngs, dtype)
         if in_channels != out_channels or stride != 1:
-            self.shortcut = Projection(in_channels, out_channels, stride, rngs=rngs)
+            self.shortcut = Projection(in_channels, out_channels, stride, rngs=rngs, dtype=dtype)
         else:
             self.shortcut = None
 
@@ -53,16 +55,16 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, channels: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None):
         out_channels = channels * self.expansion
-        self.conv1 = conv(in_channels, channels, 1, 1, rngs)
-        self.bn1 = batch_norm(channels, rngs)
-        self.conv2 = conv(channels, channels, 3, stride, rngs)
-        self.bn2 = batch_norm(channels, rngs)
-        self.conv3 = conv(channels, out_channels, 1, 1, rngs)
-        self.bn3 = batch_norm(out_channels, rngs)
+        self.conv1 = conv(in_channels, channels, 1, 1, rngs, dtype)
+        self.bn1 = batch_norm(channels, rngs, dtype)
+        self.conv2 = conv(channels, channels, 3, stride, rngs, dtype)
+        self.bn2 = batch_norm(channels, rngs, dtype)
+        self.conv3 = conv(channels, out_channels, 1, 1, rngs, dtype)
+        self.bn3 = batch_norm(out_channels, rngs, dtype)
         if in_channels != out_channels or stride != 1:
-            self.shortcut = Projection(in_channels, out_channels, stride, rngs=rngs)
+            self.shortcut = Projection(in_channels, out_channels, stride, rngs=rngs, dtype=dtype)
         else:
             self.shortcut = None
 
@@ -86,7 +88,8 @@ class ResNet(nnx.Module):
     """ResNet-18/34/50 with 4 stages of widths 64, 128, 256, 512 and strides 1, 2, 2, 2.
 
     `stem="cifar"` is a 3x3 stride-1 conv; `stem="imagenet"` is a 7x7 stride-2 conv followed by
-    a 3x3 stride-2 max pool. Convs use Kaiming-normal (fan_out) init.
+    a 3x3 stride-2 max pool. Convs use Kaiming-normal (fan_out) init. `dtype` (e.g.
+    `jnp.bfloat16`) is the dtype every layer computes in; params stay float32.
     Input [b, h, w, in_channels], output logits [b, num_classes].
     """
 
@@ -97,6 +100,7 @@ class ResNet(nnx.Module):
         *,
         num_classes: int,
         in_channels: int = 3,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         if depth not in BLOCKS_PER_STAGE:
@@ -108,10 +112,10 @@ class ResNet(nnx.Module):
         self.stem_type = stem
 
         if stem == "cifar":
-            self.stem_conv = conv(in_channels, 64, 3, 1, rngs)
+            self.stem_conv = conv(in_channels, 64, 3, 1, rngs, dtype)
         else:
-            self.stem_conv = conv(in_channels, 64, 7, 2, rngs)
-        self.stem_bn = batch_norm(64, rngs)
+            self.stem_conv = conv(in_channels, 64, 7, 2, rngs, dtype)
+        self.stem_bn = batch_norm(64, rngs, dtype)
 
         stages = []
         channels = 64
@@ -119,11 +123,12 @@ class ResNet(nnx.Module):
         for stage_width, stride, count in stage_specs:
             blocks = []
             for i in range(count):
-                blocks.append(block_cls(channels, stage_width, stride if i == 0 else 1, rngs=rngs))
+                stride_i = stride if i == 0 else 1
+                blocks.append(block_cls(channels, stage_width, stride_i, rngs=rngs, dtype=dtype))
                 channels = stage_width * block_cls.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[b, h, w, in_channels] -> [b, num_classes]."""

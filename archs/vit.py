@@ -21,14 +21,14 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with separate 2-D q, k, v and output projections."""
 
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=None):
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
         self.num_heads = heads
-        self.query = nnx.Linear(dim, dim, rngs=rngs)
-        self.key = nnx.Linear(dim, dim, rngs=rngs)
-        self.value = nnx.Linear(dim, dim, rngs=rngs)
-        self.out = nnx.Linear(dim, dim, rngs=rngs)
+        self.query = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.key = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.value = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[b, n, dim] -> [b, n, dim]."""
@@ -43,9 +43,9 @@ class SelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(dim, hidden_dim, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden_dim, dim, rngs=rngs)
+    def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.fc1 = nnx.Linear(dim, hidden_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden_dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[b, n, dim] -> [b, n, dim]."""
@@ -55,11 +55,11 @@ class MLP(nnx.Module):
 class TransformerBlock(nnx.Module):
     """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = SelfAttention(dim, heads, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp = MLP(dim, mlp_dim, rngs=rngs)
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(dim, heads, rngs=rngs, dtype=dtype)
+        self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(dim, mlp_dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[b, n, dim] -> [b, n, dim]."""
@@ -73,7 +73,8 @@ class ViT(nnx.Module):
     Every weight is a 2-D dense kernel (biases and LayerNorm parameters are 1-D). The position
     embedding, [(image_size / patch_size) ** 2, dim], is bilinearly resized when the input's
     patch grid differs from the one it was built for. Input [b, h, w, in_channels] with h and w
-    divisible by `patch_size`, output logits [b, num_classes].
+    divisible by `patch_size`, output logits [b, num_classes]. `dtype` (e.g. `jnp.bfloat16`)
+    is the dtype every layer computes in; params stay float32.
     """
 
     def __init__(
@@ -87,20 +88,23 @@ class ViT(nnx.Module):
         *,
         num_classes: int,
         in_channels: int = 3,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size.")
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
-        self.patch_embed = nnx.Linear(patch_size * patch_size * in_channels, dim, rngs=rngs)
+        self.patch_embed = nnx.Linear(
+            patch_size * patch_size * in_channels, dim, dtype=dtype, rngs=rngs
+        )
         init = nnx.initializers.normal(stddev=0.02)
         self.pos_embed = nnx.Param(init(rngs.params(), (self.grid_size**2, dim)))
         self.blocks = nnx.List(
-            [TransformerBlock(dim, heads, mlp_dim, rngs=rngs) for _ in range(depth)]
+            [TransformerBlock(dim, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)]
         )
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
 
     def position_embedding(self, grid_h: int, grid_w: int) -> jax.Array:
         """[grid_h * grid_w, dim], resized from the learned grid when the shapes differ."""
@@ -116,7 +120,7 @@ class ViT(nnx.Module):
         del train
         grid_h, grid_w = x.shape[1] // self.patch_size, x.shape[2] // self.patch_size
         tokens = self.patch_embed(patchify(x, self.patch_size))
-        tokens = tokens + self.position_embedding(grid_h, grid_w)
+        tokens = tokens + self.position_embedding(grid_h, grid_w).astype(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(jnp.mean(self.norm(tokens), axis=1))

@@ -17,13 +17,15 @@ def stage_widths(width: float) -> tuple[int, int, int]:
 class PreActBlock(nnx.Module):
     """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-        self.bn1 = batch_norm(in_channels, rngs)
-        self.conv1 = conv(in_channels, out_channels, 3, stride, rngs)
-        self.bn2 = batch_norm(out_channels, rngs)
-        self.conv2 = conv(out_channels, out_channels, 3, 1, rngs)
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs, dtype=None
+    ):
+        self.bn1 = batch_norm(in_channels, rngs, dtype)
+        self.conv1 = conv(in_channels, out_channels, 3, stride, rngs, dtype)
+        self.bn2 = batch_norm(out_channels, rngs, dtype)
+        self.conv2 = conv(out_channels, out_channels, 3, 1, rngs, dtype)
         if in_channels != out_channels or stride != 1:
-            self.shortcut = conv(in_channels, out_channels, 1, stride, rngs)
+            self.shortcut = conv(in_channels, out_channels, 1, stride, rngs, dtype)
         else:
             self.shortcut = None
 
@@ -39,9 +41,9 @@ class PreActBlock(nnx.Module):
 class ExitHead(nnx.Module):
     """BN-ReLU-global average pool-Linear: a classifier on an intermediate feature map."""
 
-    def __init__(self, channels: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.bn = batch_norm(channels, rngs)
-        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+    def __init__(self, channels: int, num_classes: int, *, rngs: nnx.Rngs, dtype=None):
+        self.bn = batch_norm(channels, rngs, dtype)
+        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[b, h, w, channels] -> [b, num_classes]."""
@@ -57,7 +59,8 @@ class WideResNet(nnx.Module):
     channel count to the nearest integer (at least 1).
     Input [b, h, w, in_channels], output logits [b, num_classes]; with `exits=True`, early-exit
     heads after the first two stages make it [b, 3, num_classes] (exits in depth order, the
-    final head last).
+    final head last). `dtype` (e.g. `jnp.bfloat16`) is the dtype every layer computes in;
+    params stay float32.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class WideResNet(nnx.Module):
         num_classes: int,
         in_channels: int = 3,
         exits: bool = False,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -80,21 +84,25 @@ class WideResNet(nnx.Module):
         blocks_per_stage = (depth - 4) // 6
         widths = stage_widths(width)
 
-        self.stem = conv(in_channels, 16, 3, 1, rngs)
+        self.stem = conv(in_channels, 16, 3, 1, rngs, dtype)
         stages = []
         channels = 16
         for stage_width, stride in zip(widths, (1, 2, 2), strict=True):
             blocks = []
             for i in range(blocks_per_stage):
                 block_stride = stride if i == 0 else 1
-                blocks.append(PreActBlock(channels, stage_width, block_stride, rngs=rngs))
+                blocks.append(
+                    PreActBlock(channels, stage_width, block_stride, rngs=rngs, dtype=dtype)
+                )
                 channels = stage_width
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.final_bn = batch_norm(channels, rngs)
-        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+        self.final_bn = batch_norm(channels, rngs, dtype)
+        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
         self.exit_heads = (
-            nnx.List([ExitHead(w, num_classes, rngs=rngs) for w in widths[:2]]) if exits else None
+            nnx.List([ExitHead(w, num_classes, rngs=rngs, dtype=dtype) for w in widths[:2]])
+            if exits
+            else None
         )
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

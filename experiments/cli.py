@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--data-dir", default=None, help="directory holding the data set's files")
     run.add_argument("--dense", action="store_true", help="train the full model, no sharing")
     run.add_argument(
+        "--dtype",
+        default=RunConfig.dtype,
+        help="what the members compute in: float32 or bfloat16 (params, bank and optimizer "
+        "state stay float32)",
+    )
+    run.add_argument(
         "--compare-dense",
         action="store_true",
         help="ensembles: then train the fully-parameterized ensemble the same way and set "
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset,
         data_dir=args.data_dir,
         dense=args.dense,
+        dtype=args.dtype,
         train_size=args.train_size,
         test_size=args.test_size,
         augmentation=args.augment,

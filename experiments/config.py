@@ -20,7 +20,7 @@ from flax import nnx
 import superweights
 from experiments import augment
 from experiments.data import DATA_SHAPES, DATASET_NAMES, DATASET_SIZES, check_files
-from experiments.models import create_members
+from experiments.models import COMPUTE_DTYPES, create_members
 from experiments.npas import SIMILARITIES, SearchConfig, unshares
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, SharingRule
@@ -44,7 +44,8 @@ class RunConfig:
     """One training run: model, budget, data, schedule, search and where it is written.
 
     `budget` is text as `Budget.parse` reads it ("10%", "250k"); `output_dir`
-    None keeps nothing on disk.
+    None keeps nothing on disk. `dtype` is what the members compute in
+    ("float32" or "bfloat16"); params and optimizer state are float32 either way.
     """
 
     arch: str = "wrn-28-1"
@@ -58,6 +59,7 @@ class RunConfig:
     fill: bool = True
     share_dense: bool = False
     dense: bool = False
+    dtype: str = "float32"
     train_size: int | None = None
     test_size: int | None = None
     augmentation: str = "auto"
@@ -81,13 +83,16 @@ def arch_list(text: str, exits: bool = False) -> list[str]:
     return names
 
 
-def members_of(arch: str, exits: bool, *, num_classes: int, in_channels: int, seed: int):
+def members_of(
+    arch: str, exits: bool, *, num_classes: int, in_channels: int, seed: int, dtype="float32"
+):
     """`{member name: module}` for an `--arch` list, with early exits when asked."""
     return create_members(
         arch_list(arch, exits),
         num_classes=num_classes,
         in_channels=in_channels,
         seed=seed,
+        dtype=dtype,
         **({"exits": True} if exits else {}),
     )
 
@@ -101,6 +106,7 @@ def abstract_members(config: RunConfig, image_shape, num_classes: int) -> dict:
             num_classes=num_classes,
             in_channels=image_shape[2],
             seed=config.loop.seed,
+            dtype=config.dtype,
         )
     )
 
@@ -229,6 +235,13 @@ def check_sizes(config: RunConfig) -> None:
         )
 
 
+def check_dtype(config: RunConfig) -> None:
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {config.dtype!r}"
+        )
+
+
 def check_data(config: RunConfig) -> None:
     """The data set, its directory, and sizes against the images it holds."""
     if config.dataset not in DATASET_NAMES:
@@ -284,6 +297,7 @@ def check(config: RunConfig) -> None:
     models' shapes.
     """
     check_sizes(config)
+    check_dtype(config)
     check_data(config)
     if config.output_dir is not None:
         check_directory("--output-dir", config.output_dir, must_exist=False)

@@ -131,7 +131,7 @@ def unshare_intervention(
         opt_state = search.expand_optimizer_state(
             model.plan, new_plan, state.params, state.opt_state
         )
-        new_model = BudgetedModel(new_plan, model.members)
+        new_model = dataclasses.replace(model, plan=new_plan)
         return new_model, state._replace(params=params, opt_state=opt_state)
 
     return intervene
@@ -154,6 +154,7 @@ def run_search(
     bins: int = 4,
     rule=None,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    dtype=None,
     fill: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -178,6 +179,7 @@ def run_search(
             rule=rule,
             shared_coefficients=config.similarity == "gradients",
             sublayer_templates=sublayer_templates,
+            dtype=dtype,
             fill=fill,
         )
         resume_point = None
@@ -223,6 +225,7 @@ def run_npas(
     bins: int = 4,
     rule=None,
     sublayer_templates: int = SUBLAYER_TEMPLATES,
+    dtype=None,
     fill: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -236,7 +239,9 @@ def run_npas(
 ) -> dict:
     """Search (unless `config.search` is off), then train the final model.
 
-    `on_search(result, final_model)` is called as soon as the search is done.
+    `dtype` is the dtype the members get their composed kernels in
+    (`BudgetedModel.dtype`; None: their own). `on_search(result, final_model)` is
+    called as soon as the search is done.
     The final training saves as `saving` says, its checkpoints holding the
     unsharing record too; `resume=(model, state, position)` skips the search
     and continues that final training where it stopped, with
@@ -259,6 +264,7 @@ def run_npas(
             bins=bins,
             rule=rule,
             sublayer_templates=sublayer_templates,
+            dtype=dtype,
             fill=fill,
             reserve_unsharing=unshares(config, loop),
         )
@@ -274,6 +280,7 @@ def run_npas(
             bins=bins,
             rule=rule,
             sublayer_templates=sublayer_templates,
+            dtype=dtype,
             fill=fill,
             progress=progress,
             log=log,
@@ -283,7 +290,7 @@ def run_npas(
         plan = search.searched_plan(
             searcher.plan, result, budget, fill=fill, reserve_unsharing=unshares(config, loop)
         )
-        final = BudgetedModel(plan, searcher.members)
+        final = dataclasses.replace(searcher, plan=plan)
         log(
             f"search: tau {result.tau:.2f}, {len(searcher.plan.clusters)} initial clusters -> "
             f"{len(result.clusters)}"
@@ -309,7 +316,7 @@ def run_npas(
         on_epoch=on_epoch,
         progress=progress,
     )
-    model = BudgetedModel(record["plan"], final.members) if "plan" in record else final
+    model = dataclasses.replace(final, plan=record["plan"]) if "plan" in record else final
     return {
         "model": model,
         "state": state,

@@ -32,7 +32,7 @@ from experiments.ensemble import (
     flops_per_member,
     parameter_saving,
 )
-from experiments.models import build_budgeted, build_dense
+from experiments.models import build_budgeted, build_dense, compute_dtype
 from experiments.npas import run_npas, unshares
 from experiments.plots import assignment_figure, similarity_figure
 from experiments.rundir import RunDir
@@ -95,6 +95,7 @@ def setting_for(config: RunConfig, dataset: Dataset) -> Setting:
         num_classes=dataset.num_classes,
         in_channels=channels,
         seed=config.loop.seed,
+        dtype=config.dtype,
     )
     return Setting(config, dataset, modules, jnp.zeros((1, height, width, channels), jnp.float32))
 
@@ -112,7 +113,12 @@ def resume_point(
             models["model"] = build_dense(setting.modules)
         else:
             plan = Plan.from_json(meta["plan"])
-            models["model"] = from_plan(plan, setting.modules, sample_input=setting.sample)
+            models["model"] = from_plan(
+                plan,
+                setting.modules,
+                sample_input=setting.sample,
+                dtype=compute_dtype(config.dtype),
+            )
         return abstract_train_state(models["model"], setting.dataset, config.loop, config.optim)
 
     restored = checkpoints.restore_latest(abstract_state, log=log)
@@ -184,6 +190,7 @@ def train_budgeted(
         sublayer_templates=config.sublayer_templates,
         fill=config.fill,
         reserve_unsharing=unshares(config.search, config.loop),
+        dtype=config.dtype,
     )
     hooks.log(
         f"{config.arch} at budget {budget.describe()}; initial clusters\n"
@@ -208,6 +215,7 @@ def train_budgeted(
         bins=config.bins,
         rule=SharingRule(share_dense=config.share_dense),
         sublayer_templates=config.sublayer_templates,
+        dtype=compute_dtype(config.dtype),
         fill=config.fill,
         log=hooks.log,
         on_epoch=hooks.on_epoch,
@@ -267,7 +275,7 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
     log(
         f"training on {dataset.name}: {len(dataset.train_images):,} train / "
         f"{len(dataset.test_images):,} test images, {config.loop.epochs} epochs, "
-        f"{jax.device_count()} {jax.default_backend()} device(s)"
+        f"{jax.device_count()} {jax.default_backend()} device(s), computing in {config.dtype}"
     )
     summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
     with stop_requests() as should_stop:

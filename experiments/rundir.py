@@ -49,6 +49,17 @@ def comparable(config) -> dict:
     return data
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` settings with those it predates filled in from `defaults`, nested too: a run
+    saved before a setting existed ran with that setting's default."""
+    merged = dict(defaults)
+    for key, value in saved.items():
+        default = defaults.get(key)
+        both = isinstance(value, dict) and isinstance(default, dict)
+        merged[key] = with_defaults(value, default) if both else value
+    return merged
+
+
 def metrics_csv(rows: list[dict]) -> str:
     """Per-epoch metrics as CSV, one column per metric seen in any epoch."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -145,6 +156,7 @@ class RunDir:
                 "give another --output-dir, or delete its checkpoints to start over"
             )
         saved = {k: v for k, v in saved.items() if k not in WHERE_AND_WHEN_SAVED}
+        saved = with_defaults(saved, comparable(type(config)()))
         current = comparable(config)
         if saved != current:
             changed = sorted(

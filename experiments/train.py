@@ -76,8 +76,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy over the batch; integer `labels [batch]`.
 
     `logits [batch, classes]`, or `[batch, exits, classes]` for a model with
-    early exits, whose exits' losses are summed.
+    early exits, whose exits' losses are summed. Computed in float32 whatever
+    the logits' dtype (bf16 from members computing in it).
     """
+    logits = logits.astype(jnp.float32)
     if logits.ndim == 3:
         labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(0).sum()
@@ -125,11 +127,12 @@ def abstract_train_state(model, dataset: Dataset, loop: LoopConfig, optim: Optim
 
 
 def make_eval_step(model) -> Callable:
-    """`eval_step(params, state, images) -> {member: logits}`, jit-compiled."""
+    """`eval_step(params, state, images) -> {member: float32 logits}`, jit-compiled."""
 
     @jax.jit
     def eval_step(params, model_state, images):
-        return model.apply(params, model_state, images, train=False)[0]
+        logits = model.apply(params, model_state, images, train=False)[0]
+        return {name: x.astype(jnp.float32) for name, x in logits.items()}
 
     return eval_step
 

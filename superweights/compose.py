@@ -13,6 +13,10 @@ size T = L. In sub-layer geometry T < L and the piece is `blocks = ceil(L / T)`
 template-sized blocks, each its own combination of the templates, laid end to
 end and cropped to L: two matrix products per bank (the whole blocks batched,
 then the cropped last one), whatever the number of blocks.
+
+Composition runs in the bank's dtype (float32); each composed kernel is cast
+once, at the end, to the model's param dtype or to a compute dtype (`dtype`:
+bf16 for members that compute in it).
 """
 
 from __future__ import annotations
@@ -151,14 +155,17 @@ def grow(weight: jax.Array | None, level: Level, piece: jax.Array, spatial) -> j
     return weight
 
 
-def compose_layer(plan: Plan, by_bank: dict, layer) -> jax.Array:
-    """One layer's kernel `[*spatial, in, out]` from the pieces `{bank key: [groups, L]}`."""
+def compose_layer(plan: Plan, by_bank: dict, layer, dtype=None) -> jax.Array:
+    """One layer's kernel `[*spatial, in, out]` from the pieces `{bank key: [groups, L]}`.
+
+    In `dtype`, or the layer's own (the model's param dtype) when None.
+    """
     cluster = plan.cluster_of[layer.id]
     weight = None
     for w in range(cluster.level_of(layer) + 1):
         piece = by_bank[plan.bank[cluster.name, w].key][plan.coefficient_row(layer.id, w)]
         weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
-    return weight.astype(layer.dtype)
+    return weight.astype(layer.dtype if dtype is None else dtype)
 
 
 def compose(plan: Plan, bank: dict) -> dict[str, jax.Array]:
@@ -167,11 +174,11 @@ def compose(plan: Plan, bank: dict) -> dict[str, jax.Array]:
     return {layer.id: compose_layer(plan, by_bank, layer) for layer in plan.layers}
 
 
-def compose_batch(plan: Plan, by_bank: dict, layers) -> jax.Array:
+def compose_batch(plan: Plan, by_bank: dict, layers, dtype=None) -> jax.Array:
     """`[n, *spatial, in, out]`: layers of one cluster and one shape, built together.
 
     Each level gathers the layers' coefficient rows of its bank's pieces and
-    grows all `n` weights at once.
+    grows all `n` weights at once. In `dtype`, or the layers' own when None.
     """
     cluster = plan.cluster_of[layers[0].id]
     weight = None
@@ -184,7 +191,7 @@ def compose_batch(plan: Plan, by_bank: dict, layers) -> jax.Array:
         else:
             piece = stacked[rows]
         weight = grow(weight, cluster.levels[w], piece, cluster.spatial)
-    return weight.astype(layers[0].dtype)
+    return weight.astype(layers[0].dtype if dtype is None else dtype)
 
 
 def _runs(plan: Plan, slices) -> list[list]:
@@ -199,8 +206,11 @@ def _runs(plan: Plan, slices) -> list[list]:
     return runs
 
 
-def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
+def compose_kernels(plan: Plan, bank: dict, dtype=None) -> dict[str, dict[str, jax.Array]]:
     """`{member: {param path: kernel}}` for every shared kernel, as the models hold them.
+
+    Kernels come in `dtype` (e.g. `jnp.bfloat16` for members computing in it),
+    or in each kernel's own dtype when None; composition itself is in the bank's.
 
     A stacked kernel `[n_layers, ...]` (layers with an `index`) is composed run
     by run, each run of slices in one cluster at once, and concatenated: its
@@ -212,7 +222,7 @@ def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
     stacks: dict[tuple[str, str], list] = {}
     for layer in plan.layers:
         if layer.index is None:
-            kernel = compose_layer(plan, by_bank, layer).reshape(layer.model_shape)
+            kernel = compose_layer(plan, by_bank, layer, dtype).reshape(layer.model_shape)
             kernels.setdefault(layer.member, {})[layer.path] = kernel
         else:
             stacks.setdefault((layer.member, layer.path), []).append(layer)
@@ -222,7 +232,7 @@ def compose_kernels(plan: Plan, bank: dict) -> dict[str, dict[str, jax.Array]]:
             indices = [layer.index for layer in slices]
             raise ValueError(f"the plan holds slices {indices} of {member}:{path}, not all")
         parts = [
-            compose_batch(plan, by_bank, run).reshape(len(run), *run[0].model_shape)
+            compose_batch(plan, by_bank, run, dtype).reshape(len(run), *run[0].model_shape)
             for run in _runs(plan, slices)
         ]
         kernels.setdefault(member, {})[path] = jnp.concatenate(parts)

@@ -102,12 +102,23 @@ class BudgetedModel:
 
     Trainable params: `{"bank": bank pytree, "unshared": {member: {path: array}}}`.
     State (not trained by gradient): `{member: nested state}`.
+
+    Attributes:
+      dtype: the dtype the composed kernels are handed to the members in, cast
+        once per step after composing in the bank's float32 (`jnp.bfloat16` for
+        members computing in bf16); None: the models' own param dtype. Params,
+        state and `export` keep their own dtypes whatever it is.
+      vectorize: run members of one architecture under `jax.vmap` (True), one
+        after another (False), or as suits the backend (None, `apply_members`).
     """
 
     plan: Plan
     members: tuple[Member, ...]
+    dtype: Any = None
+    vectorize: bool | None = None
 
     def __post_init__(self):
+        check_dtype(self.dtype)
         names = [m.name for m in self.members]
         if sorted(names) != sorted(self.plan.members):
             raise ValueError(f"members {names} do not match the plan's {list(self.plan.members)}")
@@ -165,9 +176,13 @@ class BudgetedModel:
                 )
 
     def member_params(self, params: dict) -> dict[str, Any]:
-        """`{member: params pytree}` exactly as each unmodified model expects."""
+        """`{member: params pytree}` as each unmodified model expects, kernels in `dtype`."""
+        return self.composed(params, self.dtype)
+
+    def composed(self, params: dict, dtype=None) -> dict[str, Any]:
+        """`{member: params pytree}` with the shared kernels in `dtype` (None: their own)."""
         self.check_params(params)
-        kernels = compose_kernels(self.plan, params["bank"])
+        kernels = compose_kernels(self.plan, params["bank"], dtype)
         return {
             m.name: tree.unflatten_like(
                 m.params, {**params["unshared"][m.name], **kernels.get(m.name, {})}
@@ -196,12 +211,14 @@ class BudgetedModel:
             state,
             pack_inputs(inputs, keyword_inputs),
             train,
+            vectorize=self.vectorize,
             rng=rng,
         )
 
     def export(self, params: dict) -> dict[str, Any]:
-        """Plain dense params per member (numpy), for the unmodified models."""
-        return jax.tree_util.tree_map(np.asarray, jax.jit(self.member_params)(params))
+        """Plain dense params per member (numpy) in the models' own dtypes, for the
+        unmodified models: float32 however the members compute."""
+        return jax.tree_util.tree_map(np.asarray, jax.jit(self.composed)(params))
 
     def weight_decay_mask(self, params: dict) -> dict:
         """True for every trainable leaf but the coefficients."""
@@ -215,6 +232,21 @@ class BudgetedModel:
         from superweights.report import budget_report
 
         return budget_report(self.plan)
+
+
+def check_dtype(dtype) -> None:
+    """Raises `ValueError` unless `dtype` is None or a floating-point dtype."""
+    if dtype is None:
+        return
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(
+            f"dtype {dtype!r} is not a floating-point dtype; give e.g. jnp.bfloat16 (members "
+            "computing in bf16) or None (the models' own param dtype)"
+        )
 
 
 def pack_inputs(inputs: tuple, keyword_inputs: dict):
@@ -278,6 +310,7 @@ def budgeted(
     reserve_unsharing: bool = False,
     train_kwarg: TrainKwarg | str = "auto",
     key: jax.Array | None = None,
+    dtype=None,
 ) -> BudgetedModel:
     """A budgeted model with the initial (depth-binned) clusters.
 
@@ -309,7 +342,13 @@ def budgeted(
         or None (no keyword: Linen batch statistics follow `mutable`, NNX
         submodules get `deterministic`/`use_running_average` set).
       key: for initialising Linen modules.
+      dtype: the dtype the composed kernels are handed to the models in (cast
+        once per step; composition, bank and optimizer state stay float32), e.g.
+        `jnp.bfloat16` when the models compute in bf16. How a model computes is
+        its own setting (`dtype=` of Flax layers, of `archs.create`); None hands
+        the kernels in the models' param dtype.
     """
+    check_dtype(dtype)
     if not isinstance(budget, Budget):
         raise TypeError(
             f"budget is a {type(budget).__name__}; write it as a Budget, e.g. "
@@ -335,12 +374,13 @@ def budgeted(
         sublayer_templates=sublayer_templates,
         reserve_unsharing=reserve_unsharing,
     )
-    return BudgetedModel(plan, tuple(members))
+    return BudgetedModel(plan, tuple(members), dtype)
 
 
 def from_plan(
-    plan: Plan, models, *, sample_input=None, train_kwarg="auto", key=None
+    plan: Plan, models, *, sample_input=None, train_kwarg="auto", key=None, dtype=None
 ) -> BudgetedModel:
     """Re-attaches a saved Plan to the models it was made for (shapes are checked)."""
     key = jax.random.key(0) if key is None else key
-    return BudgetedModel(plan, tuple(make_members(models, sample_input, key, train_kwarg)))
+    members = tuple(make_members(models, sample_input, key, train_kwarg))
+    return BudgetedModel(plan, members, dtype)

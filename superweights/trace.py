@@ -9,6 +9,9 @@ computed) and walked, nested jaxprs included (`jit`, `scan`, `cond`,
   leading axis is a layer axis (`nn.scan`, `nnx.scan` over layers);
 - *output*: the last param of two or more dimensions that the output depends
   on, in trace order (a classifier, when it is a kernel).
+
+A param cast to another dtype before use (a layer computing in bf16 on float32
+params) is followed through the cast.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class Trace:
         if index is None:
             return (use, 0, 0)
         return (self.scan_start.get(path, use), index, use)
+
+
+CASTS = ("convert_element_type",)
+"""Primitives whose output is their param in another dtype (mixed precision): reads of
+the output are reads of the param."""
 
 
 def _closed(value) -> core.Jaxpr | None:
@@ -129,6 +137,8 @@ class _Walk:
             self.touched.add(param)
             self.first_use.setdefault(param, start)
             self.last_use[param] = max(self.last_use.get(param, start), self.position)
+        if eqn.primitive.name in CASTS and reads:
+            origin[id(eqn.outvars[0])] = reads[0][1]  # a layer computing in bf16 reads a cast
         self.position += 1
 
 

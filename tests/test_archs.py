@@ -305,3 +305,57 @@ def test_count_flops_linear():
     flops = archs.count_flops(apply, state, jnp.ones((batch, features_in)))
     expected = 2 * batch * features_in * features_out
     assert abs(flops - expected) <= 0.05 * expected
+
+
+# Mixed precision
+
+
+def conv_and_dot_dtypes(fn, *args) -> set[str]:
+    """Operand dtypes of every convolution and matrix product in the jaxpr of `fn(*args)`."""
+    found = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+                found.update(str(v.aval.dtype) for v in eqn.invars)
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("wrn-10-1", {}),
+        ("wrn-10-1", {"exits": True}),
+        ("resnet-18", {}),
+        ("vit-tiny", dict(image_size=8, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)),
+    ],
+)
+def test_built_in_architectures_compute_in_bf16_on_the_same_float32_params(name, kwargs):
+    full = archs.create(name, num_classes=10, rngs=nnx.Rngs(0), **kwargs)
+    half = archs.create(name, num_classes=10, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **kwargs)
+    full_params, half_params = params_dict(full), params_dict(half)
+    for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(half_params), strict=True):
+        assert b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+    x = images()
+    graphdef, state = nnx.split(half)
+
+    def apply(state, x):
+        return nnx.merge(graphdef, state)(x, train=True)
+
+    assert conv_and_dot_dtypes(apply, state, x) == {"bfloat16"}
+    # in eval mode (batch statistics of two images would magnify any rounding)
+    expected, out = full(x, train=False), half(x, train=False)
+    assert out.dtype == jnp.bfloat16 and out.shape == expected.shape
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.03 * scale)
+    assert not np.array_equal(out.astype(jnp.float32), expected)  # computed in bf16 indeed
+    assert half(x, train=True).dtype == jnp.bfloat16
+    stats = [x.dtype for x in jax.tree.leaves(nnx.state(half, nnx.BatchStat))]
+    assert all(d == jnp.float32 for d in stats)  # running statistics stay float32

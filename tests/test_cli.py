@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import run_files
 
@@ -248,6 +250,7 @@ BAD_SETTINGS = [
     (["--weight-decay=-1e-4"], "--weight-decay must be zero or more"),
     (["--similarity", "cosine"], "--similarity must be one of gradients, weights; got 'cosine'"),
     (["--tau", "1.5"], "--tau is a cosine similarity, in [-1, 1]; got 1.5"),
+    (["--dtype", "float16"], "--dtype must be one of float32, bfloat16; got 'float16'"),
     (["--epochs", "2", "--search-epochs", "3"], "--search-epochs (3) must be at most"),
     (
         ["--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "2"],
@@ -480,6 +483,51 @@ def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense
     code, stdout, stderr = run([*argv[:-1], str(out), "--checkpoint-every", "2"])
     assert code == 0, stderr
     assert "resuming training from step" in stdout
+
+
+def test_resuming_in_another_dtype_is_refused(dense_run, tmp_path):
+    *_, first, argv = dense_run
+    out = tmp_path / "again"
+    shutil.copytree(first, out)
+    code, _, stderr = run([*argv[:-1], str(out), "--dtype", "bfloat16"])
+    assert code == 2
+    assert "holds checkpoints of a run with other settings (dtype)" in stderr
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(dense_run, tmp_path):
+    *_, first, argv = dense_run
+    out = tmp_path / "older"
+    shutil.copytree(first, out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["dtype"], saved["search"]["similarity"]  # settings added since
+    (out / "config.json").write_text(json.dumps(saved))
+    code, stdout, stderr = run([*argv[:-1], str(out)])
+    assert code == 0, stderr
+    assert "resuming training from step" in stdout
+
+
+def test_a_bf16_run_checkpoints_float32_params_and_resumes_to_the_same_end(tmp_path):
+    argv = ["train", *TINY, "--budget", "80%", "--epochs", "2", "--no-search", "--quiet"]
+    argv += ["--dtype", "bfloat16"]
+    whole = tmp_path / "whole"
+    code, stdout, stderr = run([*argv, "--output-dir", str(whole)])
+    assert code == 0, stderr
+    assert "computing in bfloat16" in stdout
+    assert json.loads((whole / "config.json").read_text())["dtype"] == "bfloat16"
+    assert Checkpoints(whole / "checkpoints").steps() == [3, 6]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")  # as if killed before the last epoch's save
+    for name in ("summary.json", "metrics.csv"):
+        (resumed / name).unlink()
+    code, stdout, stderr = run([*argv, "--output-dir", str(resumed)])
+    assert code == 0, stderr
+    assert "resuming training from step 3 (epoch 2" in stdout
+    assert run_files(resumed) == run_files(whole)
+    saved = ocp.StandardCheckpointer().metadata(whole / "checkpoints" / "6" / "state")
+    leaves = jax.tree_util.tree_leaves(saved.item_metadata)
+    dtypes = {str(x.dtype) for x in leaves}
+    assert dtypes == {"float32", "int32", "uint32"}  # params and optimizer, step, key
 
 
 def test_search_summary_says_why_thresholds_were_refused():

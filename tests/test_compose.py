@@ -296,3 +296,26 @@ def test_composed_shapes_and_nesting_hold_for_random_chains(kernels, bins, extra
                 if all(rows >= out and cols >= inp for rows, cols in kept):
                     big = by_shape[cluster.chain[s]]
                     np.testing.assert_array_equal(by_shape[(out, inp)], big[..., :inp, :out])
+
+
+def test_kernels_composed_for_bf16_members_are_the_float32_ones_cast_once():
+    from superweights import compose_kernels
+
+    member = nnx_member("m", TinyCNN(nnx.Rngs(0)))
+    sample = jax.ShapeDtypeStruct(IMAGE_SHAPE, jnp.float32)
+    layers, unshared = layer_specs([member], sample, SharingRule())
+    clusters = initial_clusters(layers, 1)
+    plan = make_plan(
+        layers, unshared, clusters, own_coefficients(clusters, layers), Budget(fraction=0.8)
+    )
+    bank = init_bank(plan, jax.random.key(0))
+    full = compose_kernels(plan, bank)["m"]
+    half = jax.jit(lambda b: compose_kernels(plan, b, jnp.bfloat16))(bank)["m"]
+    assert set(half) == set(full) == {x.path for x in layers}
+    for path, kernel in half.items():
+        assert full[path].dtype == jnp.float32 and kernel.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(kernel, full[path].astype(jnp.bfloat16))
+    # composition itself runs in float32: every product reads float32 operands
+    jaxpr = jax.make_jaxpr(lambda b: compose_kernels(plan, b, jnp.bfloat16))(bank).jaxpr
+    products = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert products and all(v.aval.dtype == jnp.float32 for e in products for v in e.invars)

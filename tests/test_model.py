@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 from conftest import IMAGE_SHAPE, NUM_CLASSES, LinenCNN, TinyCNN
+from flax import linen as nn
 from flax import nnx
 
+import archs
 from superweights import (
     Budget,
     BudgetedModel,
@@ -340,3 +342,103 @@ def test_members_predicting_different_class_counts_are_refused():
     }
     with pytest.raises(ValueError, match="different numbers of classes"):
         budgeted(modules, Budget(fraction=0.9), sample_input=jnp.zeros((1, 8, 8, 1)))
+
+
+# --- mixed precision ------------------------------------------------------------------------
+
+
+class LinenAttention(nn.Module):
+    """Attention (DenseGeneral kernels [dim, heads, head_dim]) and an MLP, in `dtype`."""
+
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, dtype=self.dtype)(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, dtype=self.dtype)(x)
+        x = x + nn.Dense(16, dtype=self.dtype)(nn.gelu(nn.Dense(32, dtype=self.dtype)(x)))
+        return nn.Dense(NUM_CLASSES, dtype=self.dtype, name="classifier")(x.mean(1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: (LinenAttention(dtype), jnp.zeros((1, 6, 8))),
+        lambda dtype: (
+            archs.create("wrn-10-1", num_classes=10, rngs=nnx.Rngs(0), dtype=dtype),
+            jnp.zeros((1, 8, 8, 3)),
+        ),
+    ],
+    ids=["linen-attention", "wrn-10-1"],
+)
+def test_a_model_computing_in_bf16_is_planned_as_its_float32_self(make):
+    """The trace follows a layer's cast of its float32 params: same layers, order, shapes,
+    dense kernels seen as matrices, output layer kept out."""
+    plans = {}
+    for dtype in (None, jnp.bfloat16):
+        model, x = make(dtype)
+        rule = SharingRule(share_dense=True)
+        plans[dtype] = budgeted(model, Budget(fraction=0.5), sample_input=x, rule=rule).plan
+    full, half = plans[None], plans[jnp.bfloat16]
+    assert [(x.id, x.shape, x.held_shape) for x in half.layers] == [
+        (x.id, x.shape, x.held_shape) for x in full.layers
+    ]
+    assert half.unshared == full.unshared and half == full
+
+
+@pytest.fixture(scope="module")
+def wrn_in_both_dtypes():
+    """wrn-10-1 computing in bf16 and in float32, on the same float32 params."""
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+    modules = {
+        dtype: archs.create("wrn-10-1", num_classes=10, rngs=nnx.Rngs(0), dtype=dtype)
+        for dtype in (None, jnp.bfloat16)
+    }
+    models = {
+        "float32": budgeted(modules[None], BUDGET, sample_input=x[:1]),
+        "layers cast": budgeted(modules[jnp.bfloat16], BUDGET, sample_input=x[:1]),
+        "bf16": budgeted(modules[jnp.bfloat16], BUDGET, sample_input=x[:1], dtype=jnp.bfloat16),
+    }
+    params, state = models["float32"].init(jax.random.key(0))
+    return models, params, state, x
+
+
+def test_bf16_members_get_their_kernels_cast_once_and_keep_float32_params(wrn_in_both_dtypes):
+    models, params, state, x = wrn_in_both_dtypes
+    model = models["bf16"]
+    assert model.plan == models["float32"].plan
+    for leaf in jax.tree.leaves(model.init(jax.random.key(0))):  # bank, unshared, state
+        assert leaf.dtype == jnp.float32
+    shared = {layer.path for layer in model.plan.layers}
+    member_params = jax.jit(model.member_params)(params)["model"]
+    for path, value in tree.flatten(member_params).items():
+        assert value.dtype == (jnp.bfloat16 if path in shared else jnp.float32), path
+    logits, new_state = jax.jit(lambda p, s: model.apply(p, s, x, train=True))(params, state)
+    assert logits["model"].dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(new_state))
+    # a cast once after composing is the cast the layers would make themselves
+    by_layers, _ = jax.jit(lambda p, s: models["layers cast"].apply(p, s, x, train=True))(
+        params, state
+    )
+    np.testing.assert_array_equal(logits["model"], by_layers["model"])
+    full, _ = models["float32"].apply(params, state, x, train=False)
+    half, _ = model.apply(params, state, x, train=False)
+    scale = float(jnp.abs(full["model"]).max())
+    np.testing.assert_allclose(half["model"].astype(jnp.float32), full["model"], atol=0.03 * scale)
+
+
+def test_export_of_a_bf16_model_is_the_float32_composition(wrn_in_both_dtypes):
+    models, params, _, _ = wrn_in_both_dtypes
+    exported = models["bf16"].export(params)["model"]
+    expected = models["float32"].export(params)["model"]
+    flat, want = tree.flatten(exported), tree.flatten(expected)
+    assert set(flat) == set(want)
+    for path, value in flat.items():
+        assert value.dtype == np.float32, path
+        np.testing.assert_array_equal(value, want[path])
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, "bf16", bool])
+def test_a_dtype_that_is_not_floating_point_is_refused(dtype, images):
+    with pytest.raises(ValueError, match="is not a floating-point dtype; give e.g. jnp.bfloat16"):
+        budgeted(TinyCNN(nnx.Rngs(0)), BUDGET, sample_input=images[:1], dtype=dtype)

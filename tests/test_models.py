@@ -57,6 +57,23 @@ def test_create_members_rejects_unknown_names():
         create_members(["wrn-x"], num_classes=10, in_channels=1, seed=0)
 
 
+def test_members_named_bfloat16_compute_in_it_on_the_float32_params(images):
+    half = create_members([ARCH], num_classes=10, in_channels=1, seed=0, dtype="bfloat16")
+    full = create_members([ARCH], num_classes=10, in_channels=1, seed=0, dtype="float32")
+    assert half[ARCH].stem.dtype == jnp.bfloat16 and full[ARCH].stem.dtype is None
+    np.testing.assert_array_equal(half[ARCH].stem.kernel[...], full[ARCH].stem.kernel[...])
+    assert half[ARCH](images).dtype == jnp.bfloat16
+    model = build_budgeted(half, Budget(fraction=0.5), SAMPLE, dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16
+    assert build_budgeted(full, Budget(fraction=0.5), SAMPLE).dtype is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bf16", "int8"])
+def test_an_unknown_compute_dtype_is_refused_naming_the_choices(dtype):
+    with pytest.raises(ValueError, match=f"dtype must be one of float32, bfloat16; got '{dtype}'"):
+        create_members([ARCH], num_classes=10, in_channels=1, seed=0, dtype=dtype)
+
+
 def test_dense_model_init_apply_and_trainable_params(modules, images):
     model = build_dense(modules)
     assert isinstance(model, DenseModel)

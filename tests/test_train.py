@@ -13,10 +13,12 @@ from experiments.models import build_budgeted, create_members
 from experiments.train import (
     LoopConfig,
     OptimConfig,
+    TrainState,
     classification_metrics,
     learning_rate_schedule,
     make_eval_step,
     make_optimizer,
+    make_train_step,
     predict,
     train,
 )
@@ -284,3 +286,40 @@ def test_train_raises_when_the_loss_is_not_finite(small_digits):
     loop = LoopConfig(epochs=3, batch_size=32)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         train(model, small_digits, loop, OptimConfig(learning_rate=1e30), progress=False)
+
+
+# --- mixed precision ------------------------------------------------------------------------
+
+
+def test_a_bf16_step_has_the_float32_losses_and_keeps_params_and_optimizer_in_float32(digits):
+    """wrn-10-1 computing in bf16 against the same model in float32, same params and batches:
+    the losses agree to bf16's precision, and everything trained or kept stays float32."""
+    from experiments.augment import preset
+
+    images, labels = jnp.asarray(digits.train_images[:32]), jnp.asarray(digits.train_labels[:32])
+    sample = jnp.zeros((1, 8, 8, 1))
+    losses, states = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0, dtype=dtype)
+        model = build_budgeted(modules, Budget(fraction=0.8), sample, dtype=dtype)
+        params, model_state = model.init(jax.random.key(0))
+        optimizer = make_optimizer(OptimConfig(), 100, model.weight_decay_mask(params))
+        state = TrainState(
+            jnp.array(0), params, model_state, optimizer.init(params), jax.random.key(1)
+        )
+        step = make_train_step(model, optimizer, preset("none"))
+        losses[dtype] = []
+        for _ in range(3):
+            state, metrics = step(state, images, labels)
+            assert metrics["loss"].dtype == jnp.float32
+            losses[dtype].append(float(metrics["loss"]))
+        states[dtype] = (model, state)
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
+    assert losses["bfloat16"] != losses["float32"]  # the members did compute in bf16
+    model, state = states["bfloat16"]
+    for part in (state.params, state.opt_state, state.model_state):
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(part) if hasattr(leaf, "dtype")}
+        assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}, dtypes
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(model.export(state.params)))
+    eval_logits = make_eval_step(model)(state.params, state.model_state, images)
+    assert eval_logits["wrn-10-1"].dtype == jnp.float32

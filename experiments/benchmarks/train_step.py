@@ -1,14 +1,16 @@
 """Train-step time, compile time and memory: budgeted model against the plain one.
 
     python -m experiments.benchmarks.train_step --arch wrn-16-4 --budget 10% --batch-size 128
+    python -m experiments.benchmarks.train_step --arch wrn-28-10 --budget 5% --dtype bfloat16
 
 Both models are built from the same architecture and stepped with the same
 jitted train step (SGD, Nesterov, weight decay) in one process; timings are
 interleaved round by round so that load on the machine hits both alike, and the
-median per step is reported. Compile time is lowering plus XLA compilation,
-without the persistent cache. Memory is XLA's own account of the compiled step
-(arguments, outputs and temporaries) and, where the backend reports it, the
-device's peak use.
+median per step is reported, with the images per second it makes. Compile time
+is lowering plus XLA compilation, without the persistent cache. Memory is XLA's
+own account of the compiled step (arguments, outputs and temporaries) and, where
+the backend reports it, the device's peak use. `--dtype bfloat16` has the
+members compute in bf16 (params, bank and optimizer state stay float32).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import augment
-from experiments.models import build_budgeted, build_dense, create_members
+from experiments.models import COMPUTE_DTYPES, build_budgeted, build_dense, create_members
 from experiments.train import OptimConfig, TrainState, make_optimizer, make_train_step
 from superweights import Budget, BudgetError
 
@@ -71,20 +73,24 @@ def measure(models: dict, args, compile_model) -> dict:
     `compile_model(model)` returns what `compiled_step` does; `args` holds
     `compiles`, `warmup`, `rounds` and `steps`. The first compile in a process
     also pays for one-time tracing caches, so each model is compiled
-    `compiles` times and the fastest is kept.
+    `compiles` times and the fastest is kept. The metrics of each model's first
+    step (untimed, from its initial state) are kept as `first_metrics`.
     """
     runs = {}
     for name, model in models.items():
         attempts = [compile_model(model) for _ in range(max(1, args.compiles))]
         compiled, state, batch, _, memory = attempts[-1]
         seconds = min(attempt[3] for attempt in attempts)
-        state, _ = time_steps(compiled, state, batch, args.warmup)
+        state, first = compiled(state, *batch)
+        if args.warmup > 1:
+            state, _ = time_steps(compiled, state, batch, args.warmup - 1)
         runs[name] = {
             "compiled": compiled,
             "state": state,
             "batch": batch,
             "compile_s": seconds,
             "memory": memory,
+            "first_metrics": {k: float(v) for k, v in first.items()},
             "times": [],
         }
     for _ in range(args.rounds):  # interleaved: load on the machine hits every model alike
@@ -94,6 +100,11 @@ def measure(models: dict, args, compile_model) -> dict:
             )
             run["times"].append(seconds)
     return runs
+
+
+def images_per_second(run: dict) -> float:
+    """Training images a second at the run's median step time."""
+    return len(run["batch"][1]) / statistics.median(run["times"])
 
 
 def print_runs(runs: dict, models: dict, title: str, *, rounds: int, steps: int) -> None:
@@ -107,8 +118,8 @@ def print_runs(runs: dict, models: dict, title: str, *, rounds: int, steps: int)
         memory = f"{run['memory'] / 2**20:.1f} MiB" if run["memory"] else "n/a"
         print(
             f"{name:>14}: {params:>11,} params, step {1e3 * statistics.median(run['times']):9.2f}"
-            f" ms (median of {rounds}x{steps}), compile {run['compile_s']:6.2f} s, "
-            f"XLA memory {memory}"
+            f" ms (median of {rounds}x{steps}), {images_per_second(run):8.1f} images/s, "
+            f"compile {run['compile_s']:6.2f} s, XLA memory {memory}"
         )
     for name, run in runs.items():
         if name == "plain":
@@ -141,6 +152,30 @@ def resolve_budget(text: str, modules, sample) -> tuple[Budget, str]:
         return Budget(fraction=percent / 100), note
 
 
+def budgeted_and_plain(
+    arch: str, budgets: list[str], *, num_classes: int, image_shape, dtype: str = "float32"
+) -> dict:
+    """`{"budget 5.00%": model, ..., "plain": model}`: one architecture at each budget,
+    and unbudgeted, all on the same initial members computing in `dtype`.
+
+    An infeasible budget is measured at the smallest feasible whole percentage
+    (`resolve_budget`), and said so.
+    """
+    modules = create_members(
+        [arch], num_classes=num_classes, in_channels=image_shape[-1], seed=0, dtype=dtype
+    )
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    models = {}
+    for text in budgets:
+        budget, note = resolve_budget(text.strip(), modules, sample)
+        if note:
+            print(note)
+        name = f"budget {budget.describe().split()[0]}"
+        models[name] = build_budgeted(modules, budget, sample, dtype=dtype)
+    models["plain"] = build_dense(modules)
+    return models
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="wrn-16-4")
@@ -150,6 +185,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-shape", default="32,32,3")
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument(
+        "--dtype", default="float32", choices=tuple(COMPUTE_DTYPES), help="what members compute in"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
@@ -158,18 +196,13 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     image_shape = tuple(int(x) for x in args.image_shape.split(","))
-    modules = create_members(
-        [args.arch], num_classes=args.num_classes, in_channels=image_shape[-1], seed=0
+    models = budgeted_and_plain(
+        args.arch,
+        args.budget.split(","),
+        num_classes=args.num_classes,
+        image_shape=image_shape,
+        dtype=args.dtype,
     )
-    sample = jnp.zeros((1, *image_shape), jnp.float32)
-    models = {}
-    for text in args.budget.split(","):
-        budget, note = resolve_budget(text.strip(), modules, sample)
-        if note:
-            print(note)
-        models[f"budget {budget.describe().split()[0]}"] = build_budgeted(modules, budget, sample)
-    models["plain"] = build_dense(modules)
-
     runs = measure(
         models,
         args,
@@ -178,7 +211,7 @@ def main(argv=None) -> None:
     print_runs(
         runs,
         models,
-        f"{args.arch}, batch {args.batch_size}, {image_shape}",
+        f"{args.arch}, batch {args.batch_size}, {image_shape}, {args.dtype}",
         rounds=args.rounds,
         steps=args.steps,
     )
