@@ -70,8 +70,10 @@ def test_the_search_in_your_own_training_loop_runs():
     assert {i for c in result.clusters for i in c.layers} == layer_ids
     assert set(ns["grads"]) == layer_ids
     assert final.plan.clusters == result.clusters
-    assert final.plan.spent <= final.plan.budget_params == ns["budget"].resolve(
-        sum(layer.size for layer in searcher.plan.layers)
+    assert (
+        final.plan.spent
+        <= final.plan.budget_params
+        == ns["budget"].resolve(sum(layer.size for layer in searcher.plan.layers))
     )
     assert result.tried[-1].taken and all(not c.taken for c in result.tried[:-1])
     assert set(ns["final_params"]) == {"bank", "unshared"}
