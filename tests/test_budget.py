@@ -109,7 +109,7 @@ def test_budget_describe():
         ("250_000", 250_000, None),
         ("2", 2, None),  # a whole number above 1 is a count
         ("1e6", 1_000_000, None),
-        ("1", None, 1.0),  # up to 1 a fraction: the whole model
+        ("100%", None, 1.0),  # the whole model
     ],
 )
 def test_budget_parse(text, params, fraction):
@@ -470,16 +470,17 @@ def test_sublayer_allocation_never_exceeds_the_budget(
     allocation = allocate(
         demands, budget, fixed=fixed, count_coefficients=model_scope, sublayer_templates=templates
     )
-    spent = fixed + sum(
-        bank_cost(d, k, t, model_scope) + m + (m > 0) * d.groups * model_scope
-        for d, k, t, m in zip(
-            demands,
-            allocation.templates,
-            allocation.template_sizes,
-            allocation.partial,
-            strict=True,
-        )
-    )
+    # The spend counted from the sizes: a full-size template is L entries (+ one coefficient
+    # per group in model scope), a partial one m entries (+ its coefficients); a sub-layer
+    # template is T entries plus one coefficient per group and block, ceil(L / T) blocks.
+    spent = fixed
+    for d, k, t, m in zip(
+        demands, allocation.templates, allocation.template_sizes, allocation.partial, strict=True
+    ):
+        if t == d.piece_size:
+            spent += k * (t + d.groups * model_scope) + m + (m > 0) * d.groups * model_scope
+        else:
+            spent += k * (t + d.groups * -(-d.piece_size // t))
     assert spent == allocation.spent == budget - allocation.leftover <= budget
     assert all(
         1 <= t <= d.piece_size for t, d in zip(allocation.template_sizes, demands, strict=True)
