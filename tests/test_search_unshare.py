@@ -98,7 +98,9 @@ def test_disagreeing_sharers_are_split_off_with_fresh_names():
         IDS[2]: ("c0~1",),
         IDS[3]: ("c0", "c0"),
     }
-    assert coefficient_gradient_groups(plan, grads) == coefficient_gradient_groups(plan, grads)
+    # The same whatever order the gradients come in.
+    reordered = dict(reversed(list(grads.items())))
+    assert dict(coefficient_gradient_groups(plan, reordered)) == groups
 
 
 def test_threshold_is_inclusive_and_missing_gradients_are_named():
@@ -270,6 +272,25 @@ def test_optimizer_state_rows_copy_their_source_group():
             assert jnp.ndim(leaf) == 0 or jnp.shape(leaf) in jax.tree_util.tree_leaves(
                 shapes, is_leaf=lambda x: isinstance(x, tuple)
             ), name
+        # By value: the split gives c0_l0 a second group copied from its only one, so every
+        # state leaf of the coefficients' shape gains a row equal to its old row 0; every
+        # other leaf keeps its values.
+        old_leaves = jax.tree_util.tree_leaves(state)
+        new_leaves = jax.tree_util.tree_leaves(new_state)
+        assert len(old_leaves) == len(new_leaves), name
+        rows, grown = plan.bank["c0", 0].coefficient_shape, 0
+        for old, now in zip(old_leaves, new_leaves, strict=True):
+            old, now = np.asarray(old), np.asarray(now)
+            if old.shape == rows and now.shape != rows:
+                assert now.shape == (2, *rows[1:]), name
+                np.testing.assert_array_equal(now, old[[0, 0]], err_msg=name)
+                grown += bool(np.abs(old).max() > 0)
+            else:
+                np.testing.assert_array_equal(now, old, err_msg=name)
+        # Momentum, Adam's two moments and the partition's Adam hold nonzero copies; the
+        # masked optimizers keep no state for the coefficients, or a momentum trace only.
+        expected = {"momentum": 1, "adam": 2, "masked decay": 1, "masked momentum": 0}
+        assert grown == expected.get(name, 2), name
         optimizer.update(jax.tree_util.tree_map(jnp.zeros_like, new_params), new_state, new_params)
 
     state = optax.sgd(0.01, momentum=0.9).init(params)

@@ -199,7 +199,8 @@ def test_composed_weights_have_the_he_scale(tight_model):
     for layer_id, weight in compose(model.plan, params["bank"]).items():
         fan_in = math.prod(weight.shape[:-1])
         if weight.size >= 4096:
-            assert 0.5 < float(jnp.std(weight)) / math.sqrt(2 / fan_in) < 1.5, layer_id
+            # He: std sqrt(2 / fan_in). Without the 2 the ratio would be about 0.71.
+            assert 0.85 < float(jnp.std(weight)) / math.sqrt(2 / fan_in) < 1.5, layer_id
 
 
 def test_sublayer_plans_round_trip_and_old_files_load():
