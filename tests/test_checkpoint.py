@@ -376,28 +376,41 @@ def test_the_command_line_reports_a_full_disk_in_one_line_and_resumes_once_freed
     assert (tmp_path / "summary.json").exists()
 
 
-def kill_at(argv: list[str], out: Path, step: int) -> None:
-    """Starts `npas` on `argv` and kills it (SIGKILL) once a checkpoint of `step` or later lands."""
-    env = subprocess_env()
+def saved_steps(directory: Path) -> list[int]:
+    """The steps of the checkpoints that landed in `directory`."""
+    return sorted(int(p.name) for p in directory.glob("*") if p.is_dir() and p.name.isdigit())
+
+
+def kill_once(argv: list[str], landed) -> dict:
+    """Starts `npas` on `argv` and kills it (SIGKILL) as soon as `landed()` holds.
+
+    Returns what was seen: whether the child was still running when killed, and the
+    checkpoint steps of both phases at that moment.
+    """
+    out = Path(argv[argv.index("--output-dir") + 1])
     command = [sys.executable, "-m", "experiments.cli", *argv]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-
-    def saved() -> int:
-        steps = [int(p.name) for p in out.glob("*checkpoints/*") if p.is_dir() and p.name.isdigit()]
-        return max(steps, default=0)
-
-    deadline = time.time() + 300
-    while saved() < step and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300  # catches a hang only
+    while not landed(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    running = process.poll() is None
     process.kill()
     process.wait()
+    return {
+        "running": running,
+        "search": saved_steps(out / "search_checkpoints"),
+        "training": saved_steps(out / "checkpoints"),
+        "searched": (out / "search.json").exists(),
+    }
 
 
 KILLED = [
     "train", "--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48", "--batch-size",
-    "32", "--budget", "80%", "--epochs", "3", "--search-epochs", "1", "--unshare-epoch", "1",
+    "32", "--budget", "80%", "--epochs", "4", "--search-epochs", "2", "--unshare-epoch", "1",
     "--checkpoint-steps", "2", "--quiet",
 ]  # fmt: skip
+"""3 steps an epoch: the search phase is steps 1-6, the final training steps 1-12, and both
+save every 2 steps."""
 
 
 @pytest.fixture(scope="module")
@@ -409,16 +422,35 @@ def uninterrupted(tmp_path_factory):
     return run_files(out)
 
 
-@pytest.mark.parametrize("trial", range(2))
-def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_runs_files(
-    tmp_path, uninterrupted, trial
+def test_a_run_killed_in_the_search_phase_resumes_there_and_ends_the_same(
+    tmp_path, uninterrupted, capsys
 ):
-    """SIGKILL at a random step (search phase: steps 1-3, final training: 1-9), then a rerun."""
     from experiments.cli import main
 
-    step = int(np.random.default_rng(trial).integers(2, 9))
     argv = [*KILLED, "--output-dir", str(tmp_path)]
-    kill_at(argv, tmp_path, step)
-    assert not (tmp_path / "summary.json").exists(), "killed too late: the run had finished"
+    seen = kill_once(argv, lambda out: saved_steps(out / "search_checkpoints"))
+    # Killed while running, after the search phase's first checkpoint (step 2) and before
+    # the split was written or the final training saved anything.
+    assert seen["running"] and seen["search"] and max(seen["search"]) < 6, seen
+    assert not seen["searched"] and not seen["training"], seen
     assert main(argv) == 0
+    resumed = f"resuming the search phase from step {max(seen['search'])} "
+    assert resumed in capsys.readouterr().out
+    assert run_files(tmp_path) == uninterrupted
+
+
+def test_a_run_killed_in_the_final_training_resumes_there_and_ends_the_same(
+    tmp_path, uninterrupted, capsys
+):
+    from experiments.cli import main
+
+    argv = [*KILLED, "--output-dir", str(tmp_path)]
+    seen = kill_once(argv, lambda out: max(saved_steps(out / "checkpoints"), default=0) >= 4)
+    # Killed while running, after the final training saved step 4 (past the unsharing at
+    # the end of epoch 1, step 3) and before its last step, 12.
+    assert seen["running"] and seen["searched"] and seen["search"][-1] == 6, seen
+    assert 4 <= max(seen["training"]) < 12, seen
+    assert main(argv) == 0
+    resumed = f"resuming training from step {max(seen['training'])} "
+    assert resumed in capsys.readouterr().out
     assert run_files(tmp_path) == uninterrupted
