@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -22,6 +23,7 @@ from experiments import augment
 from experiments.data import DATA_SHAPES, DATASET_NAMES, DATASET_SIZES, check_files
 from experiments.models import COMPUTE_DTYPES, create_members
 from experiments.npas import SIMILARITIES, SearchConfig, unshares
+from experiments.rundir import in_use_message, lock_holder, ownership_problem
 from experiments.train import LoopConfig, OptimConfig
 from superweights import Budget, SharingRule
 from superweights.budget import SUBLAYER_TEMPLATES
@@ -174,17 +176,66 @@ def _finite(name: str, value, *, positive: bool) -> None:
 
 
 def check_directory(flag: str, path: str, must_exist: bool) -> None:
-    """`path` is a directory, or could become one: no part of it is a file."""
+    """`path` is a directory, or could become one: named, no part of it a file or too long."""
+    if not path.strip():
+        raise ConfigError(
+            f"{flag} is empty; give a directory name (e.g. runs/a), or leave the option out"
+        )
     target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a directory")
-    if must_exist and not target.exists():
-        raise ConfigError(f"{flag} {path} does not exist")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{flag} {path} lies under {parent}, which is a file")
-            break
+    check_name_lengths(flag, path, target)
+    try:
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"{flag} {path} is a file, not a directory")
+        if must_exist and not target.exists():
+            raise ConfigError(f"{flag} {path} does not exist")
+        for parent in target.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{flag} {path} lies under {parent}, which is a file")
+                break
+    except OSError as error:
+        raise ConfigError(f"{flag} {path} cannot be used: {error.strerror or error}") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def name_limit(target: Path) -> int:
+    """The longest file name the file system of `target`'s nearest existing parent takes."""
+    existing = next((p for p in (target, *target.parents) if _exists(p)), Path("."))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_lengths(flag: str, path: str, target: Path) -> None:
+    """Every component of `target` fits the file system's limit on a name."""
+    limit = name_limit(target)
+    for part in target.parts:
+        if len(os.fsencode(part)) > limit:
+            shown = part if len(part) <= 40 else part[:37] + "..."
+            raise ConfigError(
+                f"{flag} has a component {shown!r} of {len(os.fsencode(part))} bytes; the file "
+                f"system takes names of at most {limit}: give a shorter path"
+            )
+
+
+def check_output_dir(path: str) -> None:
+    """`path` can hold this run: a directory that is new, empty or an npas run of its own,
+    that no other run holds (checked by the host that writes)."""
+    check_directory("--output-dir", path, must_exist=False)
+    target = Path(path).expanduser()
+    problem = ownership_problem(target)
+    if problem:
+        raise ConfigError(problem)
+    holder = lock_holder(target) if jax.process_index() == 0 else None
+    if holder is not None:
+        raise ConfigError(in_use_message(target, holder))
 
 
 def check_sizes(config: RunConfig) -> None:
@@ -252,7 +303,7 @@ def check_data(config: RunConfig) -> None:
         check_directory("--data-dir", config.data_dir, must_exist=False)
     try:
         check_files(config.dataset, config.data_dir)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         raise ConfigError(str(error).replace("pass data_dir", "pass --data-dir")) from None
     if config.augmentation not in ("auto", *augment.PRESETS):
         raise ConfigError(
@@ -300,7 +351,7 @@ def check(config: RunConfig) -> None:
     check_dtype(config)
     check_data(config)
     if config.output_dir is not None:
-        check_directory("--output-dir", config.output_dir, must_exist=False)
+        check_output_dir(config.output_dir)
     if not config.dense:
         Budget.parse(config.budget, config.scope)
     check_model(config)

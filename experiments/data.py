@@ -299,6 +299,7 @@ def load_idx(directory: PathLike, name: str, num_classes: int = 10) -> Dataset:
     for split in ("train", "test"):
         images_path, labels_path = paths[f"{split}_images"], paths[f"{split}_labels"]
         images = read_idx(images_path, IDX_IMAGES_MAGIC)
+        check_image_dims(images.shape, str(images_path))
         labels = read_idx(labels_path, IDX_LABELS_MAGIC)
         source = f"{labels_path} (with {images_path.name})"
         splits.append(
@@ -339,6 +340,44 @@ def _install_hint(name: str) -> str:
         f" On Debian or Ubuntu, the package {FASHION_MNIST_DEBIAN_PACKAGE} installs them in "
         f"{FASHION_MNIST_DIR} (apt install {FASHION_MNIST_DEBIAN_PACKAGE})."
     )
+
+
+def check_image_dims(dims: Sequence[int], source: str) -> None:
+    """Raises unless IDX image dims `[n, h, w]` hold images of at least one pixel."""
+    if len(dims) != 3 or min(dims[1:], default=0) < 1:
+        raise ValueError(
+            f"{source}: holds images of shape {list(dims[1:])} ({list(dims)} in all); "
+            "MNIST-style images are [n, height, width] with height and width at least 1"
+        )
+
+
+def read_idx_header(path: PathLike) -> tuple[int, tuple[int, ...]]:
+    """`(magic, dims)` of an IDX file, gzip-compressed or not, reading only its header."""
+    path = Path(path)
+    with path.open("rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as file:
+            head = file.read(4)
+            num_dims = int.from_bytes(head, "big") & 0xFF if len(head) == 4 else 0
+            dims_bytes = file.read(4 * num_dims)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({error})") from error
+    if len(head) < 4 or len(dims_bytes) < 4 * num_dims:
+        raise ValueError(f"{path}: truncated, shorter than its IDX header")
+    dims = tuple(int(size) for size in np.frombuffer(dims_bytes, ">u4"))
+    return int.from_bytes(head, "big"), dims
+
+
+def check_idx_headers(paths: dict[str, Path]) -> None:
+    """The image files' headers promise images of at least one pixel (nothing else is read)."""
+    for role in ("train_images", "test_images"):
+        magic, dims = read_idx_header(paths[role])
+        if magic != IDX_IMAGES_MAGIC:
+            raise ValueError(
+                f"{paths[role]}: bad magic number 0x{magic:08x}, expected 0x{IDX_IMAGES_MAGIC:08x}"
+            )
+        check_image_dims(dims, str(paths[role]))
 
 
 def read_idx(path: PathLike, expected_magic: int) -> np.ndarray:
@@ -394,10 +433,11 @@ def load_dataset(name: str, data_dir: PathLike | None = None, **kwargs) -> Datas
 
 
 def check_files(name: str, data_dir: PathLike | None = None) -> None:
-    """Raises what ``load_dataset`` would for absent files, reading none of them."""
+    """Raises what ``load_dataset`` would for absent files (and IDX images of no pixels),
+    reading no more than the IDX headers."""
     key, directory = _source(name, data_dir)
     if key in ("mnist", "fashion_mnist"):
-        _find_idx_files(Path(directory), key)
+        check_idx_headers(_find_idx_files(Path(directory), key))
     elif key != "digits":
         classes = 10 if key == "cifar10" else 100
         _find_cifar_root(Path(directory), _CIFAR_LAYOUTS[classes], classes)

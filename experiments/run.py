@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import augment, distributed
-from experiments.checkpoint import Checkpoints, Position, stop_requests
+from experiments.checkpoint import Checkpoints, Interrupted, Position, stop_requests
 from experiments.config import DEFAULT_AUGMENTATION, RunConfig, check, members_of
 from experiments.data import Dataset, load_dataset, subset
 from experiments.ensemble import (
@@ -259,17 +259,39 @@ class Hooks:
 
 
 def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict:
-    """Trains the configured model; returns the summary it prints and saves."""
-    check(config)
-    mesh = distributed.data_mesh()
-    distributed.check_batch(config.loop.batch_size, mesh)
-    distributed.check_batch(config.loop.eval_batch_size, mesh, "eval batch size")
+    """Trains the configured model; returns the summary it prints and saves.
+
+    SIGTERM and SIGINT are heard from the start: before the first step the run
+    stops saving nothing, after it with a checkpoint (`Interrupted` either way).
+    The run directory is locked from before the data is loaded to the end.
+    """
+    with stop_requests() as should_stop:
+        check(config)
+        stop_if_asked(should_stop, "before loading the data")
+        mesh = distributed.data_mesh()
+        distributed.check_batch(config.loop.batch_size, mesh)
+        distributed.check_batch(config.loop.eval_batch_size, mesh, "eval batch size")
+        with RunDir.open(config.output_dir, config.keep_checkpoints, log=log) as run_dir:
+            return train_in(config, run_dir, should_stop, progress, log)
+
+
+def stop_if_asked(should_stop, where: str) -> None:
+    """Raises `Interrupted` if a stop was asked for before training began (nothing to save)."""
+    if should_stop():
+        raise Interrupted(
+            f"stopped {where}, before the first step; nothing was saved: run the same "
+            "command again to start"
+        )
+
+
+def train_in(config: RunConfig, run_dir: RunDir, should_stop, progress: bool, log) -> dict:
+    """The run of a checked `config` in its open, locked `run_dir`."""
     dataset = load_data(config)
     config = with_augmentation(config, dataset)
     setting = setting_for(config, dataset)
-    run_dir = RunDir.open(config.output_dir, config.keep_checkpoints)
     run_dir.check_same_config(config)
     resumed = resume_points(run_dir, setting, log)
+    stop_if_asked(should_stop, "while loading the data and the checkpoints")
     run_dir.start(config, resumed["training"].position.epoch if resumed["training"] else 1)
     hooks = Hooks(log, progress, run_dir.append_metrics)
     log(
@@ -278,13 +300,12 @@ def run_training(config: RunConfig, *, progress: bool = True, log=print) -> dict
         f"{jax.device_count()} {jax.default_backend()} device(s), computing in {config.dtype}"
     )
     summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
-    with stop_requests() as should_stop:
-        phases = ("training", "search") if searches(config) else ("training",)
-        savings = {p: saving_for(run_dir, config, p, should_stop) for p in phases}
-        if config.dense:
-            trained = train_dense(setting, resumed["training"], savings["training"], hooks)
-        else:
-            trained = train_budgeted(setting, resumed, savings, run_dir, hooks)
+    phases = ("training", "search") if searches(config) else ("training",)
+    savings = {p: saving_for(run_dir, config, p, should_stop) for p in phases}
+    if config.dense:
+        trained = train_dense(setting, resumed["training"], savings["training"], hooks)
+    else:
+        trained = train_budgeted(setting, resumed, savings, run_dir, hooks)
     model, state, metrics, fields = trained
     summary.update(fields)
     summary.update(metrics)

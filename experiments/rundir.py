@@ -1,6 +1,8 @@
 """The work directory of one run: its files, its checkpoints, where it resumes.
 
     <output dir>/
+      .npas-run               the marker: this directory holds an npas run
+      .npas-lock              locked by the running process (its pid inside)
       config.json             the settings; a rerun with other settings is refused
       metrics.jsonl, .csv     one row per finished epoch
       checkpoints/            the final training's (Orbax), holding plan and unsharing
@@ -9,14 +11,23 @@
 
 Every file is written whole or not at all (a temporary file, then a rename),
 and only by the primary host. A run without an output directory writes nothing.
+
+A run writes only into a new or empty directory, or one its marker says holds
+an npas run (`ownership_problem`), and holds an exclusive lock on it for its
+whole life (`RunLock`: `flock`, released on any exit, by the kernel when the
+process dies), so that two runs never write one directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
+import fcntl
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +40,172 @@ WHERE_AND_WHEN_SAVED = ("output_dir", "checkpoint_every", "checkpoint_steps", "k
 
 PHASES = {"training": "checkpoints", "search": "search_checkpoints"}
 
+MARKER = ".npas-run"
+"""The file that says a directory holds an npas run; its content is `MARKER_TEXT`."""
+
+MARKER_TEXT = json.dumps({"format": "npas-run", "version": 1}) + "\n"
+
+LOCK = ".npas-lock"
+"""The file a running process holds locked (`flock`), its pid inside."""
+
+OWN_FILES = (LOCK, MARKER + ".partial")
+"""What a run may have left in a directory before its marker: still an empty one."""
+
+OPTION_NAMES = {
+    "fill": "--no-fill",
+    "augmentation": "--augment",
+    "loop.epochs": "--epochs",
+    "loop.batch_size": "--batch-size",
+    "loop.eval_every": "--eval-every",
+    "loop.seed": "--seed",
+    "loop.augmentation": "--augment",
+    "optim.learning_rate": "--lr",
+    "optim.weight_decay": "--weight-decay",
+    "search.search": "--no-search",
+    "search.search_epochs": "--search-epochs",
+    "search.gradient_batches": "--gradient-batches",
+    "search.similarity": "--similarity",
+    "search.tau": "--tau",
+    "search.warm_start": "--warm-start",
+    "search.unshare_epoch": "--unshare-epoch",
+}
+"""Command-line options of the settings whose option is not `--` and their name."""
+
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as it is; the message says what to do."""
+
+
+def is_marked(path: Path) -> bool:
+    """`path` holds the marker of an npas run (by its content, not only its name)."""
+    try:
+        return (path / MARKER).read_text() == MARKER_TEXT
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def ownership_problem(path: Path) -> str | None:
+    """Why a run may not write into `path`, or None: it is new, empty, or holds an npas run."""
+    if not path.is_dir() or is_marked(path):
+        return None
+    found = sorted(p.name for p in path.iterdir() if p.name not in OWN_FILES)
+    if not found:
+        return None
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return (
+        f"{path} is not empty and holds no npas run ({shown}); npas writes only into a new or "
+        "empty directory or one of its own runs: give another --output-dir"
+    )
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process that holds `path`'s run lock, or None if none holds it."""
+    try:
+        with (path / LOCK).open("rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _pid_in(path / LOCK) or -1
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def _pid_in(lock: Path) -> int | None:
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def in_use_message(path: Path, pid: int) -> str:
+    holder = f"process {pid}" if pid > 0 else "another process"
+    return (
+        f"{path} is in use by another npas run ({holder}); wait for it to end or stop it, "
+        "or give another --output-dir"
+    )
+
+
+@dataclasses.dataclass
+class RunLock:
+    """An exclusive `flock` on `<run dir>/.npas-lock`, its holder's pid inside.
+
+    The kernel releases it when the process ends however it ends, so a lock file
+    left by a dead process is stale and simply taken (`stale` then holds its pid).
+    """
+
+    path: Path
+    file: Any = None
+    stale: int | None = None
+
+    @classmethod
+    def acquire(cls, directory: Path) -> RunLock:
+        """Locks `directory` for this process; `RunDirError` names the holder if another has it."""
+        path = directory / LOCK
+        file = path.open("a+b")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            file.close()
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise RunDirError(f"cannot lock {path}: {error.strerror}") from error
+            raise RunDirError(in_use_message(directory, _pid_in(path) or -1)) from None
+        stale = _pid_in(path)
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n".encode())
+        file.flush()
+        return cls(path, file, stale if stale != os.getpid() else None)
+
+    def release(self) -> None:
+        """Empties the pid and unlocks (the file stays: removing it would race a new holder)."""
+        if self.file is None:
+            return
+        with contextlib.suppress(OSError):
+            self.file.truncate(0)
+            self.file.flush()
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+
+
+def option_name(dotted: str) -> str:
+    """The command-line option of a setting (`optim.learning_rate` -> `--lr`); a setting
+    with no option keeps its dotted name."""
+    if dotted in OPTION_NAMES:
+        return OPTION_NAMES[dotted]
+    return dotted if "." in dotted else "--" + dotted.replace("_", "-")
+
+
+def flat_settings(data: dict, prefix: str = "") -> dict:
+    """Nested settings as `{dotted name: value}`; the augmentation stays one value."""
+    flat = {}
+    for key, value in data.items():
+        name = prefix + key
+        if isinstance(value, dict) and key != "augmentation":
+            flat.update(flat_settings(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`--lr was 0.1, now 0.05` for every setting that differs, by command-line option."""
+    old, new = flat_settings(saved), flat_settings(current)
+    changes = {}
+    for name in sorted(old.keys() | new.keys()):
+        if old.get(name) != new.get(name):
+            changes.setdefault(
+                option_name(name), f"was {_short(old.get(name))}, now {_short(new.get(name))}"
+            )
+    return [f"{option} {change}" for option, change in changes.items()]
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -81,18 +255,53 @@ class RunDir:
     path: Path | None
     keep: int = 3
     writes: bool = True
+    lock: RunLock | None = None
     _checkpoints: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, output_dir: str | None, keep: int = 3) -> RunDir:
+    def open(cls, output_dir: str | None, keep: int = 3, log=print) -> RunDir:
+        """The run directory, created, locked and marked as a run's (by the primary host).
+
+        Raises `RunDirError` if it holds something else, or another run holds it.
+        Use it as a context manager (or call `close`) to release the lock.
+        """
         path = None if output_dir is None else Path(output_dir).expanduser()
         run_dir = cls(path, keep, writes=path is not None and jax.process_index() == 0)
         if run_dir.writes:
             try:
                 path.mkdir(parents=True, exist_ok=True)
+                run_dir.lock = RunLock.acquire(path)
             except OSError as error:
                 raise RunDirError(f"cannot create the output directory {path}: {error}") from error
+            try:
+                run_dir._mark()
+            except BaseException:
+                run_dir.close()
+                raise
+            if run_dir.lock.stale:
+                log(f"took over {path}'s lock from process {run_dir.lock.stale}, which has ended")
         return run_dir
+
+    def _mark(self) -> None:
+        """Writes the marker into a directory that has none, if it is still empty."""
+        if is_marked(self.path):
+            return
+        problem = ownership_problem(self.path)
+        if problem:
+            raise RunDirError(problem)
+        write_atomically(self.path / MARKER, MARKER_TEXT)
+
+    def close(self) -> None:
+        """Releases the directory's lock (the kernel does it too if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def file(self, name: str) -> Path | None:
         """Where this process writes `name`; None if it writes nothing."""
@@ -159,13 +368,10 @@ class RunDir:
         saved = with_defaults(saved, comparable(type(config)()))
         current = comparable(config)
         if saved != current:
-            changed = sorted(
-                k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k)
-            )
             raise RunDirError(
                 f"{self.path} holds checkpoints of a run with other settings "
-                f"({', '.join(changed)}); use the same options to resume it, or another "
-                "--output-dir"
+                f"({'; '.join(changed_settings(saved, current))}); use the same options to "
+                "resume it, or another --output-dir"
             )
 
     def start(self, config, first_epoch: int) -> None:

@@ -46,8 +46,9 @@ class Budget:
             _check_amount("fraction", self.fraction, "a fraction of the model, e.g. fraction=0.1")
             if self.fraction > 1:
                 raise BudgetError(
-                    f"a budget of {self.fraction:.2%} is above the model's own size; give at "
-                    "most 100%, or train the full model without sharing (npas train --dense)"
+                    f"a budget of {100 * self.fraction:.10g}% is above the model's own size; "
+                    "give at most 100%, or train the full model without sharing (npas train "
+                    "--dense)"
                 )
 
     def resolve(self, reference: int) -> int:

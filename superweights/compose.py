@@ -31,24 +31,65 @@ import numpy as np
 from superweights.plan import BankSpec, Level, Plan
 
 
-def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32) -> dict:
+def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dict:
     """Initialises every entry of every bank.
 
-    Templates are normal with a He scale for the level's fan-in; each bank's
-    coefficient rows are orthogonal to one another where there are no more rows
-    than templates (orthogonal columns otherwise), and scaled to unit norm, so a
-    composed weight has the variance of one template entry.
+    Each bank's coefficient rows are orthogonal to one another where there are
+    no more rows than templates (orthogonal columns otherwise) and of unit norm,
+    so a composed entry has the variance of one template entry. Templates are
+    normal with a He scale for the level's fan-in, or, with `scales` (`{bank
+    key: [groups]}`, the standard deviation each coefficient group's pieces
+    should have; `bank_scales`), with the root mean square of the bank's
+    scales, each group's row then scaled to its own: every composed kernel
+    starts at its layer's own initialiser scale.
     """
     bank = {"templates": {}, "partial": {}, "coefficients": {}}
     keys = jax.random.split(key, (len(plan.banks), 3))
     for spec, (k_templates, k_partial, k_coefficients) in zip(plan.banks, keys, strict=True):
-        std = math.sqrt(2.0 / spec.fan_in)
+        rows = _coefficient_rows(spec, k_coefficients)
+        if scales is None:
+            std = math.sqrt(2.0 / spec.fan_in)
+        else:
+            wanted = jnp.asarray(scales[spec.key], jnp.float32)
+            std = jnp.sqrt(jnp.mean(jnp.square(wanted)))
+            ratio = wanted / std
+            rows = rows * ratio.reshape(ratio.shape + (1,) * (rows.ndim - 1))
         shape = (spec.templates, spec.size)
-        bank["templates"][spec.key] = std * jax.random.normal(k_templates, shape, dtype)
+        bank["templates"][spec.key] = (std * jax.random.normal(k_templates, shape)).astype(dtype)
         if spec.partial:
-            bank["partial"][spec.key] = std * jax.random.normal(k_partial, (spec.partial,), dtype)
-        bank["coefficients"][spec.key] = _coefficient_rows(spec, k_coefficients).astype(dtype)
+            partial = std * jax.random.normal(k_partial, (spec.partial,))
+            bank["partial"][spec.key] = partial.astype(dtype)
+        bank["coefficients"][spec.key] = rows.astype(dtype)
     return bank
+
+
+def kernel_scale(kernel) -> float | None:
+    """The root mean square of an initial kernel, or None where it says nothing (abstract,
+    all zeros, not finite)."""
+    if kernel is None or isinstance(kernel, jax.ShapeDtypeStruct):
+        return None
+    rms = float(np.sqrt(np.mean(np.square(np.asarray(kernel, np.float64)))))
+    return rms if math.isfinite(rms) and rms > 0 else None
+
+
+def bank_scales(plan: Plan, layer_scales: Mapping[str, float | None]) -> dict[str, np.ndarray]:
+    """`{bank key: [groups]}`: the standard deviation each coefficient group's pieces start
+    at, the root mean square of its layers' initial kernels (`{layer id: RMS}`), or the
+    bank's He scale where a layer's is unknown."""
+    users: dict[tuple[str, str], list[float | None]] = {}
+    for layer in plan.layers:
+        for level, group in enumerate(plan.groups_of[layer.id]):
+            bank = plan.bank[plan.cluster_of[layer.id].name, level]
+            users.setdefault((bank.key, group), []).append(layer_scales.get(layer.id))
+    scales = {}
+    for spec in plan.banks:
+        he = math.sqrt(2.0 / spec.fan_in)
+        values = []
+        for group in spec.groups:
+            known = users.get((spec.key, group), [None])
+            values.append(math.sqrt(np.mean(np.square(known))) if None not in known else he)
+        scales[spec.key] = np.asarray(values, np.float32)
+    return scales
 
 
 def bank_shapes(plan: Plan) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -9,12 +9,18 @@
 - a Linen module, the same keywords or none (batch statistics then follow
   `mutable`, the usual convention of Linen model zoos);
 - an object holding a Linen `.module` and its `.params` (pretrained weights
-  kept as the initial values), as transformer libraries' Flax models do;
+  kept as the initial values), as transformer libraries' Flax models do; one
+  whose `main_input_name` is `"pixel_values"` (transformers' Flax vision
+  models) takes pixel values NCHW, as the object itself does, and its module
+  gets them NHWC;
 - a `Member`, written by hand when nothing else fits.
 
 Several inputs go in one `Inputs(ids, attention_mask=mask)`; any other pytree
-is one positional input. Models that draw random numbers in training
-(dropout) get their streams from the `rng` key passed to `apply_fn`.
+is one positional input. A Linen module's required inputs that a text model's
+own call fills in (`attention_mask`, `token_type_ids`, `position_ids`,
+`head_mask`) get the same defaults when not given (`ZOO_DEFAULTS`). Models
+that draw random numbers in training (dropout) get their streams from the
+`rng` key passed to `apply_fn`.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class Member:
         same function of their params and run together under `jax.vmap`.
       needs_rng: training draws random numbers (dropout), so `rng` is required
         when `train` is True.
+      sample: the sample input it was made for, as `jax.ShapeDtypeStruct`s
+        (None: unknown); `check_inputs` compares what `apply` is given with it.
     """
 
     name: str
@@ -68,6 +76,7 @@ class Member:
     apply_fn: ApplyFn
     signature: Any = None
     needs_rng: bool = False
+    sample: Any = None
 
     def __call__(self, params, state, inputs, train: bool, rng=None):
         """`apply_fn`, with `rng` passed only where it is taken."""
@@ -110,6 +119,69 @@ class Inputs:
     def __repr__(self) -> str:
         shapes = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), (self.args, self.kwargs))
         return f"Inputs(args={shapes[0]}, kwargs={shapes[1]})"
+
+
+def check_arrays(inputs, what: str = "sample_input") -> None:
+    """Raises `TypeError` unless `inputs` is an array, a `jax.ShapeDtypeStruct`, or an
+    `Inputs` (or other pytree) of them."""
+    if isinstance(inputs, list | tuple):
+        raise TypeError(
+            f"{what} is a {type(inputs).__name__}; give an array (jnp.asarray(...)), or "
+            "several inputs as superweights.Inputs(ids, attention_mask=mask)"
+        )
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(
+                f"{what} holds a {type(leaf).__name__} ({leaf!r:.40}); give arrays "
+                "(jnp.asarray(...)) or jax.ShapeDtypeStruct"
+            )
+
+
+def describe_shapes(inputs, batch: bool = False) -> str:
+    """`[batch, 8, 8, 3]` or `Inputs([2, 7], attention_mask=[2, 7])`: the shapes of `inputs`."""
+
+    def one(x) -> str:
+        dims = [str(d) for d in np.shape(x)]
+        if batch and dims:
+            dims[0] = "batch"
+        return "[" + ", ".join(dims) + "]"
+
+    if isinstance(inputs, Inputs):
+        parts = [one(x) for x in inputs.args]
+        parts += [f"{k}={one(v)}" for k, v in sorted(inputs.kwargs.items())]
+        return "Inputs(" + ", ".join(parts) + ")"
+    leaves = jax.tree_util.tree_leaves(inputs)
+    return one(leaves[0]) if len(leaves) == 1 else str([one(x) for x in leaves])
+
+
+def check_inputs(member: Member, inputs) -> None:
+    """Raises `ValueError` naming the member, the inputs it takes and those given, when
+    `inputs` cannot be what `member` was made for (another rank, structure or shape it
+    cannot run on), before anything inside the model fails."""
+    check_arrays(inputs, "the inputs")
+    if member.sample is None:
+        return
+    expected, given = member.sample, abstract(inputs)
+    message = (
+        f"member {member.name!r} takes inputs shaped like its sample_input, "
+        f"{describe_shapes(expected, batch=True)}; apply was given {describe_shapes(given)}"
+    )
+    as_called = (call_args(expected), call_args(given))  # Inputs(x) and x are one call
+    structures = {jax.tree_util.tree_structure(c) for c in as_called}
+    if len(structures) > 1:
+        raise ValueError(message)
+    pairs = list(zip(*(jax.tree_util.tree_leaves(c) for c in as_called), strict=True))
+    if any(len(e.shape) != len(g.shape) for e, g in pairs):
+        raise ValueError(message)
+    if all(e.shape[1:] == g.shape[1:] for e, g in pairs):
+        return
+    try:
+        jax.eval_shape(
+            lambda p, s, x: member(p, s, x, False)[0], member.params, member.state, given
+        )
+    except Exception as error:  # noqa: BLE001 - whatever the model raises, the shapes are named
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{message} ({reason})") from error
 
 
 def call_args(inputs) -> tuple[tuple, dict]:
@@ -169,6 +241,58 @@ def train_mode(call: Callable, train_kwarg: TrainKwarg | str = "auto") -> tuple[
     except (TypeError, ValueError):
         return None
     return next(((n, v) for n, v in TRAIN_KWARGS.items() if n in names), None)
+
+
+ZOO_DEFAULTS = {
+    "attention_mask": lambda ids: jnp.ones_like(ids),
+    "token_type_ids": lambda ids: jnp.zeros_like(ids),
+    "position_ids": lambda ids: jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape),
+    "head_mask": lambda ids: None,
+}
+"""Inputs a text model's own call fills in when not given (transformers' Flax models
+do, their modules do not), each from the token ids `[batch, length]`."""
+
+
+def with_zoo_defaults(call: Callable, args: tuple, kwargs: dict) -> dict:
+    """`kwargs` plus a `ZOO_DEFAULTS` value for each required parameter of `call` that
+    neither `args` nor `kwargs` gives."""
+    try:
+        parameters = list(inspect.signature(call).parameters.values())
+    except (TypeError, ValueError):
+        return kwargs
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    named = [p for p in parameters if p.kind in positional][len(args) :]
+    missing = [
+        p.name
+        for p in named
+        if p.default is inspect.Parameter.empty and p.name not in kwargs and p.name in ZOO_DEFAULTS
+    ]
+    ids = args[0] if args else kwargs.get("input_ids")
+    if not missing or ids is None or not hasattr(ids, "shape"):
+        return kwargs
+    return {**kwargs, **{name: ZOO_DEFAULTS[name](ids) for name in missing}}
+
+
+def channels_first_to_last(inputs):
+    """NCHW pixel values (the first input, or `pixel_values=`) as the NHWC a module takes."""
+    args, kwargs = call_args(inputs)
+    if args:
+        pixels, rest = args[0], args[1:]
+    else:
+        pixels, rest = kwargs.get("pixel_values"), ()
+    if pixels is None or np.ndim(pixels) != 4:
+        raise ValueError(
+            "this model takes pixel values NCHW, [batch, channels, height, width], as its own "
+            f"call does; got {describe_shapes(inputs)}"
+        )
+    pixels = jnp.transpose(pixels, (0, 2, 3, 1))
+    if args:
+        return Inputs(pixels, *rest, **kwargs) if (rest or kwargs) else pixels
+    return Inputs(**{**kwargs, "pixel_values": pixels})
+
+
+def _identity(inputs):
+    return inputs
 
 
 def mode_kwargs(mode: tuple[str, bool] | None, train: bool) -> dict:
@@ -282,15 +406,23 @@ def linen_member(
     *,
     variables: Mapping | None = None,
     train_kwarg: TrainKwarg | str = "auto",
+    adapt: Callable = _identity,
 ) -> Member:
     """Wraps a Flax Linen module called `module.apply(vars, *inputs, **train-mode keyword)`.
 
     In training every collection but `params` is mutable (batch statistics).
     `variables` (e.g. pretrained weights) are the initial values; collections
-    they lack are initialised from `key`.
+    they lack are initialised from `key`. `adapt` turns the inputs as given into
+    the inputs the module takes (NCHW pixel values into NHWC, say); required
+    inputs a text model's own call fills in get `ZOO_DEFAULTS`.
     """
     mode = train_mode(module.__call__, train_kwarg)
-    args, kwargs = call_args(concrete(sample_input))
+
+    def module_args(inputs) -> tuple[tuple, dict]:
+        args, kwargs = call_args(adapt(inputs))
+        return args, with_zoo_defaults(module.__call__, args, kwargs)
+
+    args, kwargs = module_args(concrete(sample_input))
     init_rngs = dict(zip(("params", "dropout"), jax.random.split(key), strict=True))
 
     def init(rngs):
@@ -309,7 +441,7 @@ def linen_member(
     state = {k: v for k, v in variables.items() if k != "params"}
 
     def run(p, s, inputs, train, rngs):
-        args, kwargs = call_args(inputs)
+        args, kwargs = module_args(inputs)
         call = dict(**kwargs, **mode_kwargs(mode, train), rngs=rngs)
         if train and s:
             out, new_state = module.apply({"params": p, **s}, *args, mutable=list(s), **call)
@@ -337,10 +469,25 @@ def _wraps_linen(model) -> bool:
     return isinstance(getattr(model, "module", None), linen.Module) and hasattr(model, "params")
 
 
+def takes_channels_first(model) -> bool:
+    """An object with a Linen `.module` whose own call takes NCHW pixel values and hands its
+    module NHWC ones, as transformers' Flax vision models (ViT, ResNet, ...) do."""
+    return _wraps_linen(model) and getattr(model, "main_input_name", None) == "pixel_values"
+
+
 def as_member(
     name: str, model, sample_input, key: jax.Array, train_kwarg: TrainKwarg | str = "auto"
 ) -> Member:
-    """A Member from an NNX or Linen module, an object with `.module` and `.params`, or a Member."""
+    """A Member from an NNX or Linen module, an object with `.module` and `.params`, or a
+    Member (passed through as it is: its own `sample`, if any, checks `apply`'s inputs).
+    The others keep `sample_input`'s shapes to check what `apply` is given."""
+    member = _as_member(name, model, sample_input, key, train_kwarg)
+    if sample_input is None or isinstance(model, Member):
+        return member
+    return dataclasses.replace(member, sample=abstract(sample_input))
+
+
+def _as_member(name, model, sample_input, key, train_kwarg) -> Member:
     if isinstance(model, Member):
         return model
     from flax import linen, nnx
@@ -355,7 +502,13 @@ def as_member(
         given = model.params
         variables = given if "params" in given else {"params": given}
         return linen_member(
-            name, model.module, sample_input, key, variables=variables, train_kwarg=train_kwarg
+            name,
+            model.module,
+            sample_input,
+            key,
+            variables=variables,
+            train_kwarg=train_kwarg,
+            adapt=channels_first_to_last if takes_channels_first(model) else _identity,
         )
     raise TypeError(
         f"member {name!r} is a {type(model).__name__}; expected a flax.nnx.Module, a "
@@ -372,6 +525,8 @@ def make_members(
         models = {"model": models}
     if not models:
         raise ValueError("give at least one model")
+    if sample_input is not None:
+        check_arrays(sample_input)
     keys = jax.random.split(key, len(models))
     return [
         as_member(name, model, sample_input, k, train_kwarg)

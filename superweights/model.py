@@ -25,12 +25,19 @@ import numpy as np
 
 from superweights import tree
 from superweights.budget import SUBLAYER_TEMPLATES, Budget
-from superweights.compose import check_bank, compose_kernels, init_bank
+from superweights.compose import (
+    bank_scales,
+    check_bank,
+    compose_kernels,
+    init_bank,
+    kernel_scale,
+)
 from superweights.members import (
     Inputs,
     Member,
     TrainKwarg,
     abstract,
+    check_inputs,
     check_outputs,
     make_members,
 )
@@ -152,9 +159,21 @@ class BudgetedModel:
             flat = tree.flatten(member.params)
             own = [p.path for p in self.plan.unshared if p.member == member.name]
             unshared[member.name] = {path: jnp.asarray(flat[path]) for path in own}
-        bank = jax.jit(functools.partial(init_bank, self.plan))(key)
+        scales = bank_scales(self.plan, self.initial_scales())
+        bank = jax.jit(functools.partial(init_bank, self.plan))(key, scales=scales)
         params = {"bank": bank, "unshared": unshared}
         return params, {m.name: m.state for m in self.members}
+
+    def initial_scales(self) -> dict[str, float | None]:
+        """`{layer id: RMS of the kernel the unmodified model starts with}` (None: unknown)."""
+        flat = {m.name: tree.flatten(m.params) for m in self.members}
+
+        def scale(layer) -> float | None:
+            held = flat[layer.member].get(layer.path)
+            concrete = held is not None and not isinstance(held, jax.ShapeDtypeStruct)
+            return kernel_scale(layer.read(flat[layer.member])) if concrete else None
+
+        return {layer.id: scale(layer) for layer in self.plan.layers}
 
     def check_params(self, params) -> None:
         """Raises `ValueError` naming the first entry of `params` that is not this plan's."""
@@ -205,11 +224,14 @@ class BudgetedModel:
         or e.g. `ids, attention_mask=mask`), or one `Inputs`. `rng`, a key
         fresh every step, feeds dropout in training.
         """
+        packed = pack_inputs(inputs, keyword_inputs)
+        for member in self.members:
+            check_inputs(member, packed)
         return apply_members(
             self.members,
             self.member_params(params),
             state,
-            pack_inputs(inputs, keyword_inputs),
+            packed,
             train,
             vectorize=self.vectorize,
             rng=rng,

@@ -336,7 +336,7 @@ class Plan:
                 ),
             ),
             coefficients=_records(raw, "coefficients", lambda x: (x[0], tuple(x[1]))),
-            banks=_records(raw, "banks", lambda b: BankSpec(**_tuples(b))),
+            banks=_records(raw, "banks", _bank_spec),
             budget=_field(raw, "budget", lambda b: Budget(**b)),
             budget_params=_field(raw, "budget_params", _whole),
             leftover=_field(raw, "leftover", _whole),
@@ -492,6 +492,27 @@ def _first_repeat(items: Sequence[str]) -> str:
     raise ValueError("no repeat")
 
 
+BANK_COUNTS = ("level", "piece_size", "templates", "partial", "users", "fan_in", "template_size")
+"""The fields of a bank that are counts: whole numbers, never negative."""
+
+
+def _bank_spec(record: dict) -> BankSpec:
+    """A `BankSpec` from its JSON record, its counts checked to be whole and not negative."""
+    bank = BankSpec(**_tuples(record))
+    for name in BANK_COUNTS:
+        value = getattr(bank, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} is a count, a whole number of at least 0; got {value!r}")
+    return bank
+
+
+def check_counts(bins, sublayer_templates) -> None:
+    """`bins` is a whole number of at least 1 and `sublayer_templates` of at least 0."""
+    for name, value, least in (("bins", bins, 1), ("sublayer_templates", sublayer_templates, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+
+
 def _tuples(record: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
@@ -567,8 +588,7 @@ def initial_clusters(layers: Sequence[LayerSpec], bins: int = 4) -> tuple[Cluste
             "no shared layers: the model has no convolution kernels; "
             "pass share_dense=True to share dense kernels too"
         )
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    check_counts(bins, 0)
     per_kind = kind_bins(layers, bins)[2]
     members = list(dict.fromkeys(layer.member for layer in layers))
 
@@ -635,6 +655,28 @@ def model_size(layers: Sequence[LayerSpec], unshared: Sequence[ParamSpec], budge
     return sum(layer.size for layer in layers) + fixed
 
 
+def fewest_clusters_minimum(
+    layers: Sequence[LayerSpec],
+    coefficients: Sequence[tuple[str, tuple[str, ...]]],
+    fixed: int,
+    count_coefficients: bool,
+    reserve_unsharing: bool,
+    sublayer_templates: int,
+) -> int:
+    """The minimum feasible budget with one cluster per kernel size (`bins=1`).
+
+    Coefficients stay as given: shared per cluster when every layer's groups are
+    its cluster's name, otherwise owned by each layer.
+    """
+    clusters = initial_clusters(layers, 1)
+    ids = {layer.id for layer in layers}
+    shared = not any(group in ids for _, groups in coefficients for group in groups)
+    pick = cluster_coefficients if shared else own_coefficients
+    banks = bank_layout(clusters, layers, pick(clusters, layers))
+    demands = [b.demand(reserve_unsharing) for b in banks]
+    return minimum_budget(demands, fixed, count_coefficients, sublayer_templates > 0)
+
+
 def make_plan(
     layers: Sequence[LayerSpec],
     unshared: Sequence[ParamSpec],
@@ -661,6 +703,7 @@ def make_plan(
       BudgetError: when the budget is below the minimum feasible one; the
         message states that minimum.
     """
+    check_counts(1, sublayer_templates)
     clustered = [i for c in clusters for i in c.layers]
     if sorted(clustered) != sorted(layer.id for layer in layers):
         raise ValueError("clusters must hold every shared layer exactly once")
@@ -682,9 +725,19 @@ def make_plan(
         )
     except BudgetError as error:
         minimum = minimum_budget(demands, fixed, count_coefficients, sublayer_templates > 0)
+        whole = "shared kernels'" if budget.scope == "banks" else "model's"
+        one_bin = fewest_clusters_minimum(
+            layers, coefficients, fixed, count_coefficients, reserve_unsharing, sublayer_templates
+        )
+        with_one_bin = (
+            f"; with bins=1 (one cluster per kernel size) it would be {one_bin:,}, "
+            f"{one_bin / reference:.2%}"
+            if len(clusters) > 1 and one_bin < minimum
+            else ""
+        )
         raise BudgetError(
-            f"{error} (the minimum is {minimum / reference:.2%} of the model's {reference:,} "
-            f"parameters in {budget.scope} scope)"
+            f"{error} (the minimum is {minimum / reference:.2%} of the {whole} {reference:,} "
+            f"parameters in {budget.scope} scope{with_one_bin})"
         ) from None
     banks = [
         dataclasses.replace(b, templates=k, partial=m, template_size=t if t < b.piece_size else 0)

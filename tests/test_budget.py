@@ -48,7 +48,8 @@ def test_budget_is_a_value_error_and_accepts_valid_forms():
         ({"fraction": "10%"}, r"fraction must be a number, got '10%' \(str\)"),
         ({"params": 0}, r"params must be positive, got 0 \(zero\)"),
         ({"fraction": -0.5}, r"fraction must be positive, got -0.5 \(negative\)"),
-        ({"fraction": 1.5}, r"150.00% is above the model's own size.*--dense"),
+        ({"fraction": 1.5}, r"150% is above the model's own size.*--dense"),
+        ({"fraction": 1.000001}, r"a budget of 100.0001% is above the model's own size"),
     ],
 )
 def test_budget_says_what_is_wrong_with_its_arguments(kwargs, message):

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import run_files
+from conftest import run_files, subprocess_env
 
 from experiments import augment
 from experiments.checkpoint import Checkpoints
 from experiments.cli import config_from_args, main, parse_args
 from experiments.config import RunConfig
 from experiments.models import build_budgeted, create_members
+from experiments.rundir import LOCK, MARKER, lock_holder
 from search import SearchResult
 from superweights import Budget
 from superweights.plan import Plan
@@ -139,6 +141,8 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
     code, stdout, stderr, out = budgeted_run
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        ".npas-lock",
+        ".npas-run",
         "checkpoints",
         "clusters.png",
         "config.json",
@@ -277,7 +281,30 @@ BAD_SETTINGS = [
     (["--dataset", "mnist"], "mnist has no default location; pass --data-dir"),
     (["--dataset", "cifar100", "--data-dir", "{missing}"], "missing does not exist; expected"),
     (["--coordinator", "localhost:1"], "needs --num-processes and --process-id"),
+    (["--output-dir", ""], "--output-dir is empty; give a directory name"),
+    (["--output-dir", "{mine}"], "is not empty and holds no npas run (config.json, notes.txt)"),
+    (["--output-dir", "{mine}/" + "x" * 300], "of 300 bytes; the file system takes names of at"),
+    (["--dataset", "mnist", "--data-dir", "{no_pixels}"], "holds images of shape [0, 0]"),
 ]
+
+
+def idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes = b"") -> bytes:
+    """An IDX file: big-endian magic, one big-endian uint32 per dim, then the data."""
+    return b"".join(x.to_bytes(4, "big") for x in (magic, *dims)) + payload
+
+
+def user_folders(root: Path) -> dict[str, Path]:
+    """A folder of the user's own files, and MNIST files whose images have no pixels."""
+    mine, no_pixels = root / "mine", root / "no-pixels"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "notes.txt").write_text("my notes")
+    no_pixels.mkdir()
+    for split, n in (("train", 60), ("t10k", 10)):
+        (no_pixels / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(0x803, (n, 0, 0)))
+        labels = idx_bytes(0x801, (n,), bytes(n))
+        (no_pixels / f"{split}-labels-idx1-ubyte").write_bytes(labels)
+    return {"mine": mine, "no_pixels": no_pixels}
 
 
 @pytest.mark.parametrize("args, message", BAD_SETTINGS)
@@ -286,7 +313,8 @@ def test_train_with_bad_arguments_exits_2_before_loading_or_compiling(
 ):
     file = tmp_path / "a-file"
     file.write_text("not a directory")
-    args = [a.format(file=file, missing=tmp_path / "missing") for a in args]
+    folders = user_folders(tmp_path)
+    args = [a.format(file=file, missing=tmp_path / "missing", **folders) for a in args]
     started = time.perf_counter()
     assert main(["train", *TINY, *args]) == 2
     err = capsys.readouterr().err
@@ -295,6 +323,8 @@ def test_train_with_bad_arguments_exits_2_before_loading_or_compiling(
     assert "Traceback" not in err
     assert time.perf_counter() - started < 20
     assert file.read_text() == "not a directory"
+    assert sorted(p.name for p in folders["mine"].iterdir()) == ["config.json", "notes.txt"]
+    assert (folders["mine"] / "config.json").read_text() == '{"mine": true}'
 
 
 def test_a_refused_setting_changes_no_file_of_an_existing_run(capsys, nothing_compiles, dense_run):
@@ -479,7 +509,7 @@ def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense
     shutil.copytree(first, out)
     code, _, stderr = run([*argv[:-1], str(out), "--lr", "0.05"])
     assert code == 2
-    assert "holds checkpoints of a run with other settings (optim)" in stderr
+    assert "holds checkpoints of a run with other settings (--lr was 0.1, now 0.05)" in stderr
     code, stdout, stderr = run([*argv[:-1], str(out), "--checkpoint-every", "2"])
     assert code == 0, stderr
     assert "resuming training from step" in stdout
@@ -491,7 +521,10 @@ def test_resuming_in_another_dtype_is_refused(dense_run, tmp_path):
     shutil.copytree(first, out)
     code, _, stderr = run([*argv[:-1], str(out), "--dtype", "bfloat16"])
     assert code == 2
-    assert "holds checkpoints of a run with other settings (dtype)" in stderr
+    assert (
+        'holds checkpoints of a run with other settings (--dtype was "float32", now "bfloat16")'
+        in stderr
+    )
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(dense_run, tmp_path):
@@ -621,3 +654,84 @@ def test_a_damaged_run_file_is_named_and_nothing_else_changes(dense_run, tmp_pat
     assert stderr.startswith(f"npas: error: {out}") and stderr.count("\n") == 1, stderr
     assert re.search(message, stderr)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --- the run directory: owned, locked ---------------------------------------------------------
+
+
+def start_npas(argv: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "experiments.cli", *argv]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_lock(out: Path, process: subprocess.Popen, limit_s: float = 180) -> bool:
+    """True once `process` holds `out`'s run lock (its pid in the lock file)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            if (out / LOCK).read_text().strip() == str(process.pid):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_second_run_on_a_running_runs_directory_is_refused_naming_its_pid(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--dense", "--epochs", "500", "--quiet", "--output-dir", str(out)]
+    first = start_npas(argv)
+    try:
+        assert wait_for_lock(out, first), first.communicate(timeout=60)
+        code, _, err = run(argv)
+        assert code == 2
+        assert err == (
+            f"npas: error: {out} is in use by another npas run (process {first.pid}); wait for "
+            "it to end or stop it, or give another --output-dir\n"
+        )
+    finally:
+        first.terminate()  # SIGTERM: it stops, with or without a checkpoint, and says so
+        _, stderr = first.communicate(timeout=180)
+    assert first.returncode == 130, stderr
+    assert stderr.startswith("npas: stopped") and "Traceback" not in stderr, stderr
+    assert lock_holder(out) is None  # released on the way out
+
+
+def test_sigterm_before_the_first_step_exits_130_with_a_message(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--dense", "--epochs", "1", "--quiet", "--output-dir", str(out)]
+    process = start_npas(argv)
+    assert wait_for_lock(out, process), process.communicate(timeout=60)
+    process.send_signal(signal.SIGTERM)  # the lock is taken before the data is loaded
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("npas: stopped") and stderr.count("\n") == 1, stderr
+    assert "run the same command again" in stderr
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(dense_run, tmp_path):
+    *_, first, argv = dense_run
+    out = tmp_path / "again"
+    shutil.copytree(first, out)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    dead = int(ended.stdout)
+    (out / LOCK).write_text(f"{dead}\n")
+    code, stdout, stderr = run([*argv[:-1], str(out)])
+    assert code == 0, stderr
+    assert f"took over {out}'s lock from process {dead}, which has ended" in stdout
+
+
+def test_a_marker_file_of_other_content_does_not_make_a_directory_a_run(tmp_path, nothing_compiles):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / MARKER).write_text("my own file of that name")
+    code, _, err = run(["train", *TINY, "--dense", "--output-dir", str(out)])
+    assert code == 2
+    assert f"{out} is not empty and holds no npas run (.npas-run)" in err
+    assert (out / MARKER).read_text() == "my own file of that name"

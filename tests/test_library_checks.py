@@ -8,7 +8,16 @@ import pytest
 from conftest import TinyCNN
 from flax import nnx
 
-from superweights import Budget, Plan, PlanError, budgeted
+from superweights import (
+    Budget,
+    LayerSpec,
+    Plan,
+    PlanError,
+    budgeted,
+    initial_clusters,
+    make_plan,
+    own_coefficients,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def test_a_plan_that_is_not_one_is_named(text, message):
         (lambda raw: raw["coefficients"].pop(), "coefficients must name every layer"),
         (lambda raw: raw["banks"].pop(), "the plan has no bank for level"),
         (lambda raw: raw["banks"][0].update(piece_size=7), "does not match its level: piece 7"),
-        (lambda raw: raw["banks"][0].update(templates="2"), "a value of the wrong type"),
+        (lambda raw: raw["banks"][0].update(templates="2"), "templates is a count, a whole"),
         (lambda raw: raw["layers"].append(raw["layers"][0]), "lists layer .* twice"),
     ],
 )
@@ -111,3 +120,91 @@ def test_members_with_other_input_channels_name_the_member_that_cannot_run():
     models = {"rgb": TinyCNN(nnx.Rngs(0)), "grey": OneChannel(nnx.Rngs(1))}
     with pytest.raises(ValueError, match="member 'grey' cannot run on sample_input"):
         budgeted(models, Budget(fraction=0.5), sample_input=x)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw["banks"][0].update(templates=1.5), "templates is a count, a whole"),
+        (lambda raw: raw["banks"][0].update(templates=-1), "templates is a count, a whole"),
+        (lambda raw: raw["banks"][0].update(fan_in=True), "fan_in is a count"),
+    ],
+)
+def test_a_plan_with_a_count_that_is_no_whole_number_is_refused(model, edit, message):
+    with pytest.raises(PlanError, match=r"the plan's banks\[0\] is malformed: .*" + message):
+        Plan.from_json(edited(model.plan, edit))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"bins": True}, "bins must be a whole number of at least 1, got True"),
+        ({"bins": 0}, "bins must be a whole number of at least 1, got 0"),
+        ({"sublayer_templates": -1}, "sublayer_templates must be a whole number of at least 0"),
+        ({"sublayer_templates": 1.0}, "sublayer_templates must be a whole number"),
+    ],
+)
+def test_budgeted_refuses_counts_that_are_not_whole_numbers(setting, message):
+    x = jnp.zeros((2, 6, 6, 3))
+    with pytest.raises(ValueError, match=message):
+        budgeted(TinyCNN(nnx.Rngs(0)), Budget(fraction=0.5), sample_input=x, **setting)
+
+
+@pytest.mark.parametrize(
+    "inputs, given",
+    [
+        (jnp.zeros((2, 6, 6, 1)), r"\[2, 6, 6, 1\] \(conv_general_dilated"),  # other channels
+        (jnp.zeros((2, 6, 6)), r"\[2, 6, 6\]$"),  # another rank: refused before any trace
+        (jnp.zeros((2, 36 * 3)), r"\[2, 108\]$"),
+    ],
+)
+def test_apply_names_the_member_the_inputs_it_takes_and_those_given(model, inputs, given):
+    params, state = model.init(jax.random.key(0))
+    expected = r"member 'model' takes inputs shaped like its sample_input, \[batch, 6, 6, 3\]; "
+    with pytest.raises(ValueError, match=expected + "apply was given " + given):
+        model.apply(params, state, inputs)
+
+
+def test_apply_takes_other_spatial_sizes_the_model_can_run_on(model):
+    params, state = model.init(jax.random.key(0))
+    logits, _ = model.apply(params, state, jnp.zeros((3, 10, 10, 3)))  # global pooling
+    assert logits["model"].shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        ([[1, 2, 3]], "sample_input is a list; give an array"),
+        ((jnp.zeros((1, 6, 6, 3)),), "sample_input is a tuple; give an array"),
+        ({"x": 3}, r"sample_input holds a int \(3\); give arrays"),
+    ],
+)
+def test_a_sample_input_that_is_no_array_is_named(sample, message):
+    with pytest.raises(TypeError, match=message):
+        budgeted(TinyCNN(nnx.Rngs(0)), Budget(fraction=0.5), sample_input=sample)
+
+
+def test_a_budget_below_the_minimum_states_the_minimum_with_one_bin():
+    from superweights import BudgetError
+
+    layers = [
+        LayerSpec("m", f"l{depth}.kernel", (3, 3, 16, 16), "float32", depth) for depth in range(8)
+    ]
+    four_bins = minimum_of(layers, bins=4)
+    one_bin = minimum_of(layers, bins=1)
+    assert one_bin < four_bins
+    shared = 8 * 9 * 16 * 16
+    clusters = initial_clusters(layers, 4)
+    with pytest.raises(BudgetError) as error:
+        make_plan(layers, [], clusters, own_coefficients(clusters, layers), Budget(params=10))
+    assert (
+        f"(the minimum is {four_bins / shared:.2%} of the shared kernels' {shared:,} parameters "
+        f"in banks scope; with bins=1 (one cluster per kernel size) it would be {one_bin:,}, "
+        f"{one_bin / shared:.2%})"
+    ) in str(error.value)
+
+
+def minimum_of(layers, bins: int) -> int:
+    clusters = initial_clusters(layers, bins)
+    plan = make_plan(layers, [], clusters, own_coefficients(clusters, layers), Budget(fraction=1.0))
+    return plan.minimum_budget

@@ -438,3 +438,151 @@ def test_a_sample_input_the_model_cannot_take_names_the_member():
     module = NnxScanned(2, 8, nnx.Rngs(0))  # its stem takes 3 channels
     with pytest.raises(ValueError, match=r"member 'small' cannot run on sample_input"):
         budgeted({"small": module}, Budget(fraction=0.5), sample_input=x)
+
+
+# --- transformers' Flax conventions: NCHW pixel values, text models' several inputs.
+
+
+@dataclasses.dataclass
+class ClassifierOutput:
+    logits: jax.Array
+
+
+class PixelModule(nn.Module):
+    """Takes NHWC pixel values, as transformers' Flax vision modules do."""
+
+    @nn.compact
+    def __call__(self, pixel_values, deterministic: bool = True):
+        x = nn.relu(nn.Conv(8, (3, 3))(pixel_values))
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return ClassifierOutput(nn.Dense(CLASSES, name="classifier")(x.mean((1, 2))))
+
+
+@dataclasses.dataclass
+class PixelModel:
+    """As transformers' Flax vision models: a Linen `.module`, its `.params`, and a call that
+    takes NCHW pixel values and hands its module NHWC."""
+
+    module: nn.Module
+    params: dict
+    main_input_name: str = "pixel_values"
+
+    def __call__(self, pixel_values, params=None):
+        nhwc = jnp.transpose(pixel_values, (0, 2, 3, 1))
+        return self.module.apply({"params": params or self.params}, nhwc)
+
+
+def test_an_object_taking_nchw_pixel_values_is_budgeted_and_applied_in_nchw():
+    pixels = jax.random.normal(jax.random.key(3), (4, 3, 8, 8))  # NCHW
+    module = PixelModule()
+    zoo = PixelModel(
+        module, module.init(jax.random.key(0), pixels[:1].transpose(0, 2, 3, 1))["params"]
+    )
+    model = budgeted(zoo, Budget(fraction=0.5), sample_input=pixels[:1])
+    params, state = model.init(jax.random.key(0))
+    logits, _ = model.apply(params, state, pixels)
+    exported = model.export(params)["model"]
+    np.testing.assert_allclose(logits["model"], zoo(pixels, exported).logits, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[batch, 3, 8, 8\]; apply was given \[4, 8, 8, 3\]"):
+        model.apply(params, state, pixels.transpose(0, 2, 3, 1))  # NHWC: the module's, not its
+
+
+class TextModule(nn.Module):
+    """Every input required, as transformers' Flax text modules (BERT) take them."""
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        head_mask,
+        deterministic: bool = True,
+    ):
+        assert head_mask is None
+        x = nn.Embed(50, 16)(input_ids) + nn.Embed(2, 16)(token_type_ids)
+        x = x + nn.Embed(16, 16)(position_ids)
+        mask = nn.make_attention_mask(attention_mask, attention_mask)
+        attention = nn.SelfAttention(2, dropout_rate=0.1)
+        x = x + attention(nn.LayerNorm()(x), mask=mask, deterministic=deterministic)
+        x = x + nn.Dense(16)(nn.gelu(nn.Dense(32)(nn.LayerNorm()(x))))
+        return ClassifierOutput(nn.Dense(CLASSES, name="classifier")(x[:, 0]))
+
+
+def test_a_text_module_gets_the_inputs_its_models_own_call_fills_in():
+    ids = jax.random.randint(jax.random.key(4), (8, 7), 0, 50)
+    mask = jnp.ones_like(ids).at[:, 5:].set(0)
+    labels = jnp.arange(8) % CLASSES
+    model = budgeted(
+        TextModule(),
+        Budget(fraction=0.5),
+        sample_input=Inputs(ids[:1], attention_mask=mask[:1]),
+        rule=SharingRule(share_dense=True),
+    )
+    losses, params, state = fit(model, Inputs(ids, attention_mask=mask), labels)
+    assert_learns(losses)
+    logits, _ = model.apply(params, state, ids, attention_mask=mask)
+    by_hand = TextModule().apply(
+        {"params": model.export(params)["model"]},
+        ids,
+        mask,
+        jnp.zeros_like(ids),
+        jnp.broadcast_to(jnp.arange(7), ids.shape),
+        None,
+    )
+    np.testing.assert_allclose(logits["model"], by_hand.logits, atol=1e-5)
+
+
+# --- transformers' own Flax models (4.x), where transformers is installed.
+
+
+def test_transformers_flax_vit_takes_nchw_pixel_values_as_its_own_call_does():
+    transformers = pytest.importorskip("transformers", minversion="4.0")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=CLASSES,
+    )
+    vit = transformers.FlaxViTForImageClassification(config, seed=0)
+    pixels = jax.random.normal(jax.random.key(3), (8, 3, 8, 8))  # NCHW, as vit(pixels) takes
+    model = budgeted(
+        vit, Budget(fraction=0.5), sample_input=pixels[:1], rule=SharingRule(share_dense=True)
+    )
+    losses, params, state = fit(model, pixels, jnp.arange(8) % CLASSES)
+    assert_learns(losses)
+    logits, _ = model.apply(params, state, pixels)
+    exported = vit(pixels, params=model.export(params)["model"]).logits
+    np.testing.assert_allclose(logits["model"], exported, atol=1e-4)
+
+
+def test_transformers_flax_bert_takes_ids_and_a_mask_as_its_own_call_does():
+    transformers = pytest.importorskip("transformers", minversion="4.0")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=CLASSES,
+    )
+    bert = transformers.FlaxBertForSequenceClassification(config, seed=0)
+    ids = jax.random.randint(jax.random.key(4), (8, 7), 0, 50)
+    mask = jnp.ones_like(ids).at[:, 5:].set(0)
+    model = budgeted(
+        bert,
+        Budget(fraction=0.5),
+        sample_input=Inputs(ids[:1], attention_mask=mask[:1]),
+        rule=SharingRule(share_dense=True),
+    )
+    losses, params, state = fit(model, Inputs(ids, attention_mask=mask), jnp.arange(8) % CLASSES)
+    assert_learns(losses)
+    logits, _ = model.apply(params, state, ids, attention_mask=mask)
+    exported = bert(ids, attention_mask=mask, params=model.export(params)["model"]).logits
+    np.testing.assert_allclose(logits["model"], exported, atol=1e-4)
