@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits as _sklearn_load_digits
-from sklearn.model_selection import train_test_split
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -157,7 +155,11 @@ def _checked_labels(
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's 1797 8x8 grey digits as ``[n, 8, 8, 1]``, split stratified by ``seed``."""
-    bunch = _sklearn_load_digits()
+    # imported here: scikit-learn takes a second or two to import, and only the digits need it
+    from sklearn.datasets import load_digits as sklearn_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_load_digits()
     images = bunch.images[..., np.newaxis]
     train_images, test_images, train_labels, test_labels = train_test_split(
         images,
