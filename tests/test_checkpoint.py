@@ -226,7 +226,10 @@ def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_p
 
     @contextmanager
     def stop_in_the_search_phase():
-        yield stop_after(10)  # the search phase is 16 steps (1 epoch of 512 / 32)
+        # A stop is asked for twice before the first step (before and after loading the
+        # data), then once a step: the 12th call is at step 10 of the search phase's 16
+        # (1 epoch of 512 / 32).
+        yield stop_after(12)
 
     monkeypatch.setattr(run, "stop_requests", stop_in_the_search_phase)
     with pytest.raises(Interrupted, match="step 10"):

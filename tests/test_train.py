@@ -312,7 +312,10 @@ def test_a_bf16_step_has_the_float32_losses_and_keeps_params_and_optimizer_in_fl
             assert metrics["loss"].dtype == jnp.float32
             losses[dtype].append(float(metrics["loss"]))
         states[dtype] = (model, state)
-    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
+    # The first step's loss differs by the rounding of bf16 alone; later ones also follow
+    # updates computed in bf16, and drift further apart.
+    np.testing.assert_allclose(losses["bfloat16"][0], losses["float32"][0], rtol=0.01)
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
     assert losses["bfloat16"] != losses["float32"]  # the members did compute in bf16
     model, state = states["bfloat16"]
     for part in (state.params, state.opt_state, state.model_state):
