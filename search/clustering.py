@@ -131,8 +131,8 @@ def capacity_refusal(candidate: Capacity, initial: Capacity) -> str | None:
     The rule: a split never costs the banks their composition. Where the initial
     clusters afford one full-size template per bank, the split must too (the
     authors' floor: their budget loop counts each new cluster's largest layer).
-    Below that floor every split leaves less room per bank for the same budget,
-    so it must leave no bank with fewer templates, nor with a smaller
+    Below that floor a split spreads the same budget over more pieces, so it
+    must leave no bank with fewer templates, nor with a smaller
     template-to-piece ratio, than the initial plan's weakest bank.
     """
     if initial.geometry == FULL:
