@@ -6,33 +6,11 @@ shape, so the whole pipeline jits inside the train step.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """What to apply to a training batch.
-
-    Attributes:
-      crop_padding: random crop after zero-padding this many pixels (0 = none).
-      flip: random horizontal flip.
-      cutout: side of a square zeroed at a random centre (0 = none).
-    """
-
-    crop_padding: int = 0
-    flip: bool = False
-    cutout: int = 0
-
-
-PRESETS = {
-    "none": Augmentation(),
-    "cifar": Augmentation(crop_padding=4, flip=True, cutout=16),
-    "mnist": Augmentation(crop_padding=2),
-    "digits": Augmentation(crop_padding=1),
-}
+from experiments.settings import AUGMENTATIONS as PRESETS
+from experiments.settings import Augmentation
 
 
 def preset(name: str) -> Augmentation:

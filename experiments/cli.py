@@ -11,34 +11,32 @@ import argparse
 import dataclasses
 import sys
 
-import jax
-
-import archs
-from experiments import augment, distributed
-from experiments.checkpoint import CheckpointError, Interrupted
-from experiments.config import (
-    ConfigError,
+# Only the settings are imported before parsing: `--help` and argument errors
+# answer without loading jax (the rest is imported where it is used).
+from experiments.settings import (
+    AUGMENTATIONS,
+    DATASET_NAMES,
+    DTYPES,
+    SIMILARITIES,
+    LoopConfig,
+    OptimConfig,
     RunConfig,
-    check_classes,
-    check_sizes,
-    initial_plan,
-    parse_image_shape,
+    SearchConfig,
 )
-from experiments.data import DATASET_NAMES
-from experiments.npas import SIMILARITIES, SearchConfig
-from experiments.run import run_training
-from experiments.train import LoopConfig, OptimConfig
-from superweights import Budget, BudgetError
-from superweights.plan import describe_bins
-from superweights.report import budget_report
+
+ARCH_HELP = (
+    "model name: wrn-<depth>-<width> (any depth 6n+4, width > 0, e.g. wrn-28-10, wrn-16-0.5), "
+    "resnet-18, resnet-34, resnet-50 (CIFAR stem), resnet-18-imagenet, resnet-34-imagenet, "
+    "resnet-50-imagenet, vit-tiny, or a name given to archs.register"
+)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default=RunConfig.arch,
-        help=f"model name ({', '.join(archs.available())}); a comma-separated list trains an "
-        "ensemble of members from one bank (repeat a name for identical members)",
+        help=f"{ARCH_HELP}; a comma-separated list trains an ensemble of members from one bank "
+        "(repeat a name for identical members)",
     )
     parser.add_argument(
         "--exits", action="store_true", help="early-exit heads after each stage (WRN members)"
@@ -91,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument(
         "--dtype",
         default=RunConfig.dtype,
-        help="what the members compute in: float32 or bfloat16 (params, bank and optimizer "
+        help=f"what the members compute in: {' or '.join(DTYPES)} (params, bank and optimizer "
         "state stay float32)",
     )
     run.add_argument(
@@ -104,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--batch-size", type=int, default=LoopConfig.batch_size)
     run.add_argument("--lr", type=float, default=OptimConfig.learning_rate)
     run.add_argument("--weight-decay", type=float, default=OptimConfig.weight_decay)
-    run.add_argument("--augment", default="auto", choices=("auto", *augment.PRESETS))
+    run.add_argument("--augment", default="auto", choices=("auto", *AUGMENTATIONS))
     run.add_argument("--train-size", type=int, default=None, help="use the first N train images")
     run.add_argument("--test-size", type=int, default=None, help="use the first N test images")
     run.add_argument("--eval-every", type=int, default=0, help="test every N epochs (0: at end)")
@@ -263,6 +261,11 @@ def report_config(args: argparse.Namespace) -> RunConfig:
 
 def run_report(args: argparse.Namespace, log=print) -> None:
     """Prints the budget report of `args`' model(s): shapes only, nothing trained."""
+    from experiments.config import check_classes, check_sizes, initial_plan, parse_image_shape
+    from superweights import Budget
+    from superweights.plan import describe_bins
+    from superweights.report import budget_report
+
     config = report_config(args)
     shape = parse_image_shape(args.image_shape)
     check_classes(args.num_classes)
@@ -277,6 +280,14 @@ def run_report(args: argparse.Namespace, log=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import jax
+
+    from experiments import distributed
+    from experiments.checkpoint import CheckpointError, Interrupted
+    from experiments.config import ConfigError
+    from experiments.run import run_training
+    from superweights import BudgetError
+
     try:
         if args.command == "report":
             run_report(args)

@@ -9,7 +9,6 @@ is loaded or anything compiled, for the command line and the library alike:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -20,59 +19,20 @@ from flax import nnx
 
 import superweights
 from experiments import augment
-from experiments.data import DATA_SHAPES, DATASET_NAMES, DATASET_SIZES, check_files
+from experiments.data import DATA_SHAPES, DATASET_SIZES, check_files
 from experiments.models import COMPUTE_DTYPES, create_members
-from experiments.npas import SIMILARITIES, SearchConfig, unshares
+from experiments.npas import unshares
 from experiments.rundir import in_use_message, lock_holder, ownership_problem
-from experiments.train import LoopConfig, OptimConfig
+from experiments.settings import (
+    DATASET_NAMES,
+    SIMILARITIES,
+    RunConfig,
+)
 from superweights import Budget, SharingRule
-from superweights.budget import SUBLAYER_TEMPLATES
-
-DEFAULT_AUGMENTATION = {
-    "cifar10": "cifar",
-    "cifar100": "cifar",
-    "mnist": "mnist",
-    "fashion_mnist": "mnist",
-    "digits": "digits",
-}
 
 
 class ConfigError(ValueError):
     """A setting that cannot make a run; the message names it and says what to give."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """One training run: model, budget, data, schedule, search and where it is written.
-
-    `budget` is text as `Budget.parse` reads it ("10%", "250k"); `output_dir`
-    None keeps nothing on disk. `dtype` is what the members compute in
-    ("float32" or "bfloat16"); params and optimizer state are float32 either way.
-    """
-
-    arch: str = "wrn-28-1"
-    exits: bool = False
-    dataset: str = "digits"
-    data_dir: str | None = None
-    budget: str = "25%"
-    scope: str = "banks"
-    bins: int = 4
-    sublayer_templates: int = SUBLAYER_TEMPLATES
-    fill: bool = True
-    share_dense: bool = False
-    dense: bool = False
-    dtype: str = "float32"
-    train_size: int | None = None
-    test_size: int | None = None
-    augmentation: str = "auto"
-    output_dir: str | None = None
-    checkpoint_every: int = 1
-    checkpoint_steps: int = 0
-    keep_checkpoints: int = 3
-    compare_dense: bool = False
-    loop: LoopConfig = LoopConfig(epochs=15)
-    optim: OptimConfig = OptimConfig()
-    search: SearchConfig = SearchConfig()
 
 
 def arch_list(text: str, exits: bool = False) -> list[str]:

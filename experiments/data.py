@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist")
+from experiments.settings import DATASET_NAMES
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 

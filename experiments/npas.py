@@ -22,6 +22,7 @@ import numpy as np
 import search
 from experiments.checkpoint import Position
 from experiments.data import Dataset, batches
+from experiments.settings import SearchConfig
 from experiments.train import (
     NO_SAVING,
     LoopConfig,
@@ -34,44 +35,6 @@ from experiments.train import (
 )
 from superweights import Budget, BudgetedModel, BudgetError, budgeted
 from superweights.budget import SUBLAYER_TEMPLATES
-
-SIMILARITIES = ("gradients", "weights")
-"""What the search may compare layers by (`SearchConfig.similarity`)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """How sharing is searched for and refined (method.md sections 6-7).
-
-    Attributes:
-      search: run the gradient-conflict search; False keeps the initial clusters.
-      search_epochs: epochs of the search phase (paper: 20 of 200).
-      gradient_batches: batches averaged for the per-layer gradients.
-      similarity: what the layers are compared by: `"gradients"` (dL/dW after the
-        search phase, the paper's measure) or `"weights"` (the trained kernels
-        themselves, the measure of SSN-style methods; each layer then owns its
-        coefficients in the search phase, so that the kernels can differ).
-      tau: starting similarity threshold of the clustering.
-      tau_step: how much tau drops while the clusters do not fit the budget.
-      warm_start: start the final model from the search phase's per-member
-        params (norms, heads, statistics) and from its templates wherever a
-        bank kept its shape; otherwise the final model starts fresh.
-      unshare_epoch: epoch of the final run after which coefficients are
-        unshared (0: never; paper: 10 of 200).
-      unshare_threshold: cosine at or below which sharers are split off.
-      unshare_batches: batches averaged for the coefficient gradients.
-    """
-
-    search: bool = True
-    search_epochs: int = 3
-    gradient_batches: int = 8
-    similarity: str = "gradients"
-    tau: float = 0.1
-    tau_step: float = 0.05
-    warm_start: bool = False
-    unshare_epoch: int = 2
-    unshare_threshold: float = 0.9
-    unshare_batches: int = 8
 
 
 def members_loss(logits: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.config import RunConfig, initial_plan
-from experiments.npas import SearchConfig
-from experiments.train import LoopConfig, OptimConfig
+from experiments.config import initial_plan
+from experiments.settings import LoopConfig, OptimConfig, RunConfig, SearchConfig
 from superweights import Budget
 
 PAPER_LOOP = LoopConfig(epochs=200, batch_size=128)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from experiments import augment, distributed
 from experiments.checkpoint import Checkpoints, Interrupted, Position, stop_requests
-from experiments.config import DEFAULT_AUGMENTATION, RunConfig, check, members_of
+from experiments.config import RunConfig, check, members_of
 from experiments.data import Dataset, load_dataset, subset
 from experiments.ensemble import (
     anytime_curve,
@@ -36,6 +36,7 @@ from experiments.models import build_budgeted, build_dense, compute_dtype
 from experiments.npas import run_npas, unshares
 from experiments.plots import assignment_figure, similarity_figure
 from experiments.rundir import RunDir
+from experiments.settings import DEFAULT_AUGMENTATION
 from experiments.train import (
     NO_SAVING,
     Phase,

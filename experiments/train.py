@@ -24,26 +24,7 @@ from experiments import augment as augmentation
 from experiments import distributed
 from experiments.checkpoint import Checkpoints, Interrupted, Position, order_generator
 from experiments.data import Dataset, batches, steps_per_epoch
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """The paper's CIFAR recipe (method.md section 9), scaled to any run length.
-
-    Attributes:
-      learning_rate: initial learning rate.
-      momentum: Nesterov momentum.
-      weight_decay: L2 added to the gradient of every param but coefficients.
-      milestones: fractions of training at which the rate is multiplied by
-        `decay` (the paper's epochs 60, 120, 160 of 200).
-      decay: the factor at each milestone.
-    """
-
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
-    decay: float = 0.2
+from experiments.settings import LoopConfig, OptimConfig
 
 
 class TrainState(NamedTuple):
@@ -181,18 +162,6 @@ def classification_metrics(logits: dict[str, np.ndarray], labels: np.ndarray) ->
     key = "ensemble" if len(logits) > 1 else next(iter(logits))
     metrics["accuracy"] = metrics[f"accuracy/{key}"]
     return metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """Length and batching of a run."""
-
-    epochs: int = 30
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    eval_every: int = 0
-    seed: int = 0
-    augmentation: augmentation.Augmentation = augmentation.Augmentation()
 
 
 Intervention = Callable[[Any, TrainState], tuple[Any, TrainState]]

@@ -18,14 +18,17 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import run_files, subprocess_env
 
+import archs
 from experiments import augment
 from experiments.checkpoint import Checkpoints
 from experiments.cli import config_from_args, main, parse_args
 from experiments.config import RunConfig
-from experiments.models import build_budgeted, create_members
+from experiments.models import COMPUTE_DTYPES, build_budgeted, create_members
 from experiments.rundir import LOCK, MARKER, lock_holder
+from experiments.settings import DATASET_NAMES, DEFAULT_AUGMENTATION, DTYPES
 from search import SearchResult
 from superweights import Budget
+from superweights.budget import SUBLAYER_TEMPLATES
 from superweights.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +388,61 @@ def test_module_entry_point_prints_train_help():
     for flag in ("--arch", "--budget", "--dense", "--epochs", "--output-dir", "--quiet"):
         assert flag in result.stdout
     assert "wrn-<depth>-<width>" in result.stdout
+
+
+HEAVY_MODULES = ("jax", "flax", "optax", "orbax", "sklearn", "numpy")
+
+LIGHT_CALL = """
+import sys
+from experiments.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print(sorted(name for name in {heavy} if name in sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["train", "--help"], 0),
+        (["report", "--help"], 0),
+        (["train", "--epochs", "ten"], 2),
+        (["train", "--dataset", "imagenet"], 2),
+        (["report", "--scope", "layers"], 2),
+    ],
+)
+def test_help_and_argument_errors_answer_before_jax_is_imported(argv, code):
+    """What makes `--help` fast, asserted without a clock: nothing heavy is loaded."""
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_CALL.format(heavy=HEAVY_MODULES), *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,  # catches a hang only
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_help_names_every_registered_architecture():
+    help_text = " ".join(help_text_of(["train", "--help"]).split())
+    for name in archs.available():
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", help_text), name
+
+
+def help_text_of(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(argv)
+    return out.getvalue()
+
+
+def test_settings_defaults_agree_with_the_modules_that_use_them():
+    assert RunConfig.sublayer_templates == SUBLAYER_TEMPLATES
+    assert tuple(COMPUTE_DTYPES) == DTYPES
+    assert set(DEFAULT_AUGMENTATION) == set(DATASET_NAMES)
+    assert set(DEFAULT_AUGMENTATION.values()) <= set(augment.PRESETS)
 
 
 # --- end to end -----------------------------------------------------------------------------
