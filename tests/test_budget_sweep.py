@@ -20,7 +20,8 @@ from experiments.config import initial_plan
 from superweights import Budget
 
 # wrn-10-1 on digits: the smallest feasible banks budget is 1.70%, so 1% is skipped; 5% is
-# below the full-size floor (66%), 70% above it.
+# below the full-size floor (66%). One trained budget keeps the sweep's end-to-end run short;
+# the arms' configs at other budgets are checked without training below.
 TINY = presets.with_overrides(
     presets.get("digits-wrn-28-1-b25"),
     arch="wrn-10-1",
@@ -29,16 +30,12 @@ TINY = presets.with_overrides(
     loop={"epochs": 1, "batch_size": 32},
     search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 0},
 )
-BUDGETS = ("1%", "5%", "70%")
+BUDGETS = ("1%", "5%")
 EXPECTED_ROWS = [
     ("search", "5%"),
     ("search-weights", "5%"),
     ("no-search", "5%"),
     ("reduced-width", "5%"),
-    ("search", "70%"),
-    ("search-weights", "70%"),
-    ("no-search", "70%"),
-    ("reduced-width", "70%"),
     ("full", ""),
 ]
 
@@ -80,8 +77,7 @@ def test_sweep_budgets_and_baselines_have_the_expected_sizes(sweep):
     by_key = {(r.method, r.budget): r for r in results}
     full = by_key["full", None]
     assert full.trainable_params == digits_wrn_params(10, 1)
-    assert by_key["search", "5%"].trainable_params < by_key["search", "70%"].trainable_params
-    for budget in ("5%", "70%"):
+    for budget in ("5%",):
         searched = by_key["search", budget].trainable_params
         reduced = by_key["reduced-width", budget]
         assert reduced.trainable_params == digits_wrn_params(10, float(reduced.arch.split("-")[2]))
@@ -117,9 +113,9 @@ def test_sweep_skips_infeasible_budgets_with_a_note(sweep):
     assert lines[0].startswith(note)
     assert f"- {note}" in (out / "results.md").read_text()
     progress = [line for line in lines if line.startswith("[")]
-    assert progress[0] == "[1/9] SuperWeights + search, wrn-10-1, budget 5%"
-    assert progress[1] == "[2/9] SuperWeights + search (weights), wrn-10-1, budget 5%"
-    assert progress[-1] == "[9/9] full model, wrn-10-1, budget -"
+    assert progress[0] == "[1/5] SuperWeights + search, wrn-10-1, budget 5%"
+    assert progress[1] == "[2/5] SuperWeights + search (weights), wrn-10-1, budget 5%"
+    assert progress[-1] == "[5/5] full model, wrn-10-1, budget -"
 
 
 def brute_force_minimum(config) -> tuple[int, int]:
