@@ -2,10 +2,10 @@
 
 A checkpoint holds the `TrainState` (params, model state such as batch
 statistics, optimizer state, step, RNG key) and, as JSON, where training
-stands: the epoch, how many of its batches are done, the data order's RNG
-state at the epoch's start, and the plan (which changes when coefficients are
-unshared). Restoring it and replaying the epoch's order from that RNG state
-continues the run exactly where it stopped.
+stands: the epoch, how many of its batches are done, the input pipeline's
+iterator state after the last batch trained on, and the plan (which changes
+when coefficients are unshared). Restoring it and setting the iterator to that
+state continues the run exactly where it stopped, on the very next batch.
 
 Faults are recoverable without hand work: an unreadable checkpoint is moved
 aside as `<step>.corrupt` and the one before it used, and a failed write
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -39,14 +38,14 @@ import orbax.checkpoint as ocp
 class Position:
     """Where training stands: in `epoch` (1-based), `batches_done` of its batches are done.
 
-    `order_state` is the data-order generator's state at the start of `epoch`;
-    `losses` are the train losses of the batches done, for the epoch's mean;
-    `metrics` those of the last finished epoch.
+    `input_state` is the grain iterator's state after the last batch trained on
+    (None: before the first); `losses` are the train losses of the batches done,
+    for the epoch's mean; `metrics` those of the last finished epoch.
     """
 
     epoch: int
     batches_done: int
-    order_state: dict
+    input_state: dict | None
     losses: tuple[float, ...] = ()
     metrics: dict = dataclasses.field(default_factory=dict)
 
@@ -313,7 +312,7 @@ class Checkpoints:
             position = Position(
                 meta["epoch"],
                 meta["batches_done"],
-                meta["order_state"],
+                meta["input_state"],
                 tuple(meta["losses"]),
                 meta.get("metrics", {}),
             )
@@ -356,11 +355,3 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def order_generator(seed: int, position: Position | None) -> np.random.Generator:
-    """The data-order generator, at `position`'s epoch start when resuming."""
-    generator = np.random.default_rng(seed)
-    if position is not None:
-        generator.bit_generator.state = position.order_state
-    return generator

@@ -15,6 +15,7 @@ import sys
 # answer without loading jax (the rest is imported where it is used).
 from experiments.settings import (
     AUGMENTATIONS,
+    BAD_IMAGES,
     DATASET_NAMES,
     DTYPES,
     SIMILARITIES,
@@ -78,13 +79,109 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's arguments; with `train --preset NAME` the preset's settings are the
+    defaults, which the flags given beside it override."""
+    parser, run = _parsers()
+    preset = _preset_name(sys.argv[1:] if argv is None else argv)
+    if preset is not None:
+        run.set_defaults(**defaults_of(_preset_config(run, preset)))
+    return parser.parse_args(argv)
+
+
+def _preset_name(argv: list[str]) -> str | None:
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--preset")
+    known, _ = probe.parse_known_args(argv)
+    return known.preset if argv[:1] == ["train"] else None
+
+
+def _preset_config(parser: argparse.ArgumentParser, name: str) -> RunConfig:
+    from experiments import presets  # plans budgets: imports jax
+
+    try:
+        return presets.get(name)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def defaults_of(config: RunConfig) -> dict:
+    """`npas train`'s argument values that give `config` (`config_from_args`' inverse)."""
+    loop, optim, search = config.loop, config.optim, config.search
+    return {
+        **{name: getattr(config, name) for name in MODEL_SETTINGS},
+        "dataset": config.dataset,
+        "data_dir": config.data_dir,
+        "image_size": config.image_size,
+        "bad_images": config.bad_images,
+        "dense": config.dense,
+        "dtype": config.dtype,
+        "compare_dense": config.compare_dense,
+        "train_size": config.train_size,
+        "test_size": config.test_size,
+        "augment": config.augmentation,
+        "output_dir": config.output_dir,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoint_steps": config.checkpoint_steps,
+        "keep_checkpoints": config.keep_checkpoints,
+        "epochs": loop.epochs,
+        "batch_size": loop.batch_size,
+        "seed": loop.seed,
+        "eval_every": loop.eval_every,
+        "workers": loop.workers,
+        "lr": optim.learning_rate,
+        "weight_decay": optim.weight_decay,
+        "no_search": not search.search,
+        "search_epochs": search.search_epochs,
+        "gradient_batches": search.gradient_batches,
+        "similarity": search.similarity,
+        "tau": search.tau,
+        "warm_start": search.warm_start,
+        "unshare_epoch": search.unshare_epoch,
+    }
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser and its `train` subparser."""
     parser = argparse.ArgumentParser(prog="npas", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("train", help="train a budgeted model and report test accuracy")
+    run.add_argument(
+        "--preset",
+        default=None,
+        help="start from a named configuration of experiments/presets.py (e.g. "
+        "imagenet-resnet-50-b25, cifar100-wrn-28-10-b25, digits-ensemble); the other flags "
+        "given override it",
+    )
     _add_model_args(run)
     run.add_argument("--dataset", default=RunConfig.dataset, choices=DATASET_NAMES)
-    run.add_argument("--data-dir", default=None, help="directory holding the data set's files")
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding the data set's files (image_folder: the folder holding "
+        "train/<class>/ and val/<class>/, ImageNet's layout)",
+    )
+    run.add_argument(
+        "--image-size",
+        type=int,
+        default=RunConfig.image_size,
+        help="image_folder: the side images are cropped to (evaluation: resized to 8/7 of it, "
+        "centre-cropped)",
+    )
+    run.add_argument(
+        "--bad-images",
+        default=RunConfig.bad_images,
+        choices=BAD_IMAGES,
+        help="image_folder: refuse a folder holding files that are not images, or skip them "
+        "(counted in the log)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=LoopConfig.workers,
+        help="processes that read and augment batches (default: 0 for data held in memory, "
+        "up to 8 for image folders)",
+    )
     run.add_argument("--dense", action="store_true", help="train the full model, no sharing")
     run.add_argument(
         "--dtype",
@@ -188,27 +285,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_model_args(report)
     report.add_argument("--num-classes", type=int, default=10)
     report.add_argument("--image-shape", default="32,32,3", help="height,width,channels")
-    return parser.parse_args(argv)
+    return parser, run
+
+
+MODEL_SETTINGS = (
+    "arch",
+    "exits",
+    "budget",
+    "scope",
+    "bins",
+    "sublayer_templates",
+    "fill",
+    "share_dense",
+)
+"""The config fields of the options both commands share (`_add_model_args`)."""
 
 
 def model_settings(args: argparse.Namespace) -> dict:
-    """The config fields of the options both commands share (`_add_model_args`)."""
-    names = (
-        "arch",
-        "exits",
-        "budget",
-        "scope",
-        "bins",
-        "sublayer_templates",
-        "fill",
-        "share_dense",
-    )
-    return {name: getattr(args, name) for name in names}
+    return {name: getattr(args, name) for name in MODEL_SETTINGS}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run `npas train` describes (checked by the run, `experiments.config.check`)."""
-    return RunConfig(
+    """The run `npas train` describes (checked by the run, `experiments.config.check`); the
+    settings no flag reaches are the preset's, or `RunConfig`'s defaults."""
+    base = RunConfig()
+    if getattr(args, "preset", None):
+        from experiments import presets
+
+        base = presets.get(args.preset)
+    return dataclasses.replace(
+        base,
         **model_settings(args),
         dataset=args.dataset,
         data_dir=args.data_dir,
@@ -217,21 +323,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         train_size=args.train_size,
         test_size=args.test_size,
         augmentation=args.augment,
+        image_size=args.image_size,
+        bad_images=args.bad_images,
         output_dir=args.output_dir,
         checkpoint_every=args.checkpoint_every,
         checkpoint_steps=args.checkpoint_steps,
         keep_checkpoints=args.keep_checkpoints,
         compare_dense=args.compare_dense,
-        loop=LoopConfig(
+        loop=dataclasses.replace(
+            base.loop,
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
             eval_every=args.eval_every,
+            workers=args.workers,
         ),
         optim=dataclasses.replace(
-            OptimConfig(), learning_rate=args.lr, weight_decay=args.weight_decay
+            base.optim, learning_rate=args.lr, weight_decay=args.weight_decay
         ),
-        search=SearchConfig(
+        search=dataclasses.replace(
+            base.search,
             search=not args.no_search,
             search_epochs=(
                 min(SearchConfig.search_epochs, args.epochs)

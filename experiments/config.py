@@ -19,11 +19,12 @@ from flax import nnx
 
 import superweights
 from experiments import augment
-from experiments.data import DATA_SHAPES, DATASET_SIZES, check_files
+from experiments.data import DATA_SHAPES, check_files, held_images
 from experiments.models import COMPUTE_DTYPES, create_members
 from experiments.npas import unshares
 from experiments.rundir import in_use_message, lock_holder, ownership_problem
 from experiments.settings import (
+    BAD_IMAGES,
     DATASET_NAMES,
     SIMILARITIES,
     RunConfig,
@@ -80,7 +81,7 @@ def initial_plan(
 
     `data`: `(image shape, classes)`, by default those of `config.dataset`.
     """
-    shape, num_classes = data or DATA_SHAPES[config.dataset]
+    shape, num_classes = data or data_shape(config)
     return superweights.budgeted(
         abstract_members(config, shape, num_classes),
         budget or Budget.parse(config.budget, config.scope),
@@ -91,6 +92,15 @@ def initial_plan(
         sublayer_templates=config.sublayer_templates,
         reserve_unsharing=unshares(config.search, config.loop),
     ).plan
+
+
+def data_shape(config: RunConfig) -> tuple[tuple[int, int, int], int]:
+    """`(image shape (h, w, c), classes)` of `config`'s data, without loading it (an image
+    folder is listed: its classes are its folders, its images cropped to `image_size`)."""
+    if config.dataset == "image_folder":
+        classes = held_images(config.dataset, config.data_dir, config.bad_images)[2]
+        return (config.image_size, config.image_size, 3), classes
+    return DATA_SHAPES[config.dataset]
 
 
 def parse_image_shape(text: str) -> tuple[int, int, int]:
@@ -212,6 +222,8 @@ def check_sizes(config: RunConfig) -> None:
             "test_size": config.test_size,
             "search_epochs": search.search_epochs if search.search else None,
             "gradient_batches": search.gradient_batches,
+            "prefetch": loop.prefetch,
+            "image_size": config.image_size,
         },
         1,
     )
@@ -222,6 +234,7 @@ def check_sizes(config: RunConfig) -> None:
             "checkpoint_steps": config.checkpoint_steps,
             "sublayer_templates": config.sublayer_templates,
             "unshare_epoch": search.unshare_epoch,
+            "workers": loop.workers,
         },
         0,
     )
@@ -261,16 +274,16 @@ def check_data(config: RunConfig) -> None:
         )
     if config.data_dir is not None:
         check_directory("--data-dir", config.data_dir, must_exist=False)
+    if config.bad_images not in BAD_IMAGES:
+        raise ConfigError(
+            f"--bad-images must be one of {', '.join(BAD_IMAGES)}; got {config.bad_images!r}"
+        )
     try:
-        check_files(config.dataset, config.data_dir)
+        check_files(config.dataset, config.data_dir, config.bad_images)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error).replace("pass data_dir", "pass --data-dir")) from None
-    if config.augmentation not in ("auto", *augment.PRESETS):
-        raise ConfigError(
-            f"unknown augmentation {config.augmentation!r}; choose auto or one of "
-            f"{', '.join(augment.PRESETS)}"
-        )
-    train_held, test_held = DATASET_SIZES[config.dataset]
+    check_augmentation(config)
+    train_held, test_held, _ = held_images(config.dataset, config.data_dir, config.bad_images)
     for flag, size, held in (
         ("--train-size", config.train_size, train_held),
         ("--test-size", config.test_size, test_held),
@@ -287,10 +300,35 @@ def check_data(config: RunConfig) -> None:
         )
 
 
+def check_augmentation(config: RunConfig) -> None:
+    """A known augmentation, of a kind the data set can have: an image folder's are done as
+    images are decoded (resized crop, flip), the others' on the device (crop, flip, cutout)."""
+    if config.augmentation not in ("auto", *augment.PRESETS):
+        raise ConfigError(
+            f"unknown augmentation {config.augmentation!r}; choose auto or one of "
+            f"{', '.join(augment.PRESETS)}"
+        )
+    if config.augmentation == "auto":
+        return
+    chosen = augment.preset(config.augmentation)
+    folder = config.dataset == "image_folder"
+    if folder and (chosen.crop_padding or chosen.cutout):
+        raise ConfigError(
+            f"--augment {config.augmentation} pads and crops or cuts out, which image folders "
+            "do not do; use imagenet (random resized crop and flip) or none"
+        )
+    if not folder and chosen.resized_crop:
+        raise ConfigError(
+            f"--augment {config.augmentation} is a random resized crop, done as image folders "
+            f"are decoded; {config.dataset} is held in memory: use auto, none or "
+            f"{', '.join(n for n, a in augment.PRESETS.items() if not a.resized_crop)}"
+        )
+
+
 def check_model(config: RunConfig) -> None:
     """The members exist, and a budgeted run's budget fits them (planned on shapes)."""
     names = arch_list(config.arch, config.exits)
-    shape, num_classes = DATA_SHAPES[config.dataset]
+    shape, num_classes = data_shape(config)
     try:
         abstract_members(config, shape, num_classes)
     except ValueError as error:

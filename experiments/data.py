@@ -1,25 +1,30 @@
-"""Image classification datasets as normalised NHWC numpy arrays.
+"""Image classification data sets, and each split as the input pipeline reads it.
 
 Nothing here downloads. ``digits`` ships with scikit-learn; CIFAR-10/100 are read from the
 standard python pickle batches and MNIST / Fashion-MNIST from the standard IDX files, all of
-which must already be on disk.
+which must already be on disk; these are held in memory as normalised NHWC arrays
+(`Dataset`). An ``image_folder`` (ImageNet's layout) is read file by file as training goes
+(`FolderDataset`). Both give their splits as `Split`s (`experiments.pipeline` reads them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
 import pickle
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from experiments.settings import DATASET_NAMES
+from experiments import imagefolder
+from experiments.settings import AUGMENTATIONS, DATASET_NAMES, Augmentation
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -56,9 +61,48 @@ DATASET_SIZES: dict[str, tuple[int, int]] = {
 PathLike = str | os.PathLike
 
 
+class Records(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split as the input pipeline reads it.
+
+    Attributes:
+      records: random access to the split's records (arrays' rows, files).
+      transform: `record -> (image, label)`, or `(record, rng) -> (image, label)`
+        when `random`; None when the records are `(image, label)` already.
+      random: the transform draws from an `np.random.Generator`.
+    """
+
+    records: Records
+    transform: Callable | None = None
+    random: bool = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayRecords:
+    """Rows of in-memory arrays as records: `[i] -> (images[i], labels[i])`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[index], self.labels[index]
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Train and test splits: images float32 ``[n, h, w, c]``, labels int32 ``[n]``."""
+    """Train and test splits held in memory: images float32 ``[n, h, w, c]``, labels
+    int32 ``[n]``. Augmentation is done on the device, in the train step."""
 
     name: str
     train_images: np.ndarray
@@ -81,6 +125,108 @@ class Dataset:
         """``(h, w, c)`` of every image."""
         height, width, channels = self.train_images.shape[1:]
         return height, width, channels
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_labels)
+
+    in_memory = True
+
+    def split(self, name: str, augment: bool = False) -> Split:
+        """The ``"train"`` or ``"test"`` split's rows (``augment`` does nothing here: the
+        train step augments on the device)."""
+        del augment
+        if name == "train":
+            return Split(ArrayRecords(self.train_images, self.train_labels))
+        return Split(ArrayRecords(self.test_images, self.test_labels))
+
+    def device_augmentation(self, augmentation: Augmentation) -> Augmentation:
+        """What of ``augmentation`` the train step does on the device: all of it."""
+        return augmentation
+
+
+@dataclass(frozen=True, eq=False)
+class FolderDataset:
+    """An image folder in ImageNet's layout, read file by file as training goes.
+
+    Images are decoded, cropped to ``image_size`` (training: ``augmentation``'s
+    random resized crop and flip; evaluation: resize and centre crop) and
+    standardised with ImageNet's statistics in the input pipeline's workers.
+    """
+
+    name: str
+    train: imagefolder.FolderSplit
+    test: imagefolder.FolderSplit
+    image_size: int
+    augmentation: Augmentation = AUGMENTATIONS["imagenet"]
+
+    in_memory = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.image_size, self.image_size, 3
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test.labels
+
+    @property
+    def skipped(self) -> tuple[Path, ...]:
+        """Files of both splits left out as not images (``bad_images="skip"``)."""
+        return self.train.skipped + self.test.skipped
+
+    def split(self, name: str, augment: bool = False) -> Split:
+        """The ``"train"`` split (``augment``: with the training augmentation) or ``"test"``."""
+        if name == "train" and augment:
+            transform = functools.partial(
+                imagefolder.train_example,
+                size=self.image_size,
+                resized_crop=self.augmentation.resized_crop,
+                flip=self.augmentation.flip,
+            )
+            return Split(self.train, transform, random=True)
+        evaluate = functools.partial(imagefolder.eval_example, size=self.image_size)
+        return Split(self.train if name == "train" else self.test, evaluate)
+
+    def device_augmentation(self, augmentation: Augmentation) -> Augmentation:
+        """Nothing: the workers crop and flip as they decode."""
+        del augmentation
+        return Augmentation()
+
+
+def load_image_folder(
+    directory: PathLike,
+    *,
+    image_size: int = 224,
+    augmentation: Augmentation = AUGMENTATIONS["imagenet"],
+    bad_images: str = "refuse",
+) -> FolderDataset:
+    """The ``train/`` and ``val/`` splits of ``directory`` (the test split is ``val/``)."""
+    train, val = scan_folder(str(directory), bad_images)
+    return FolderDataset("image_folder", train, val, image_size, augmentation)
+
+
+@functools.lru_cache(maxsize=4)
+def scan_folder(directory: str, bad_images: str) -> tuple:
+    """`imagefolder.scan_image_folder`, once per process for the same folder (checks and
+    loading both need it; a large folder takes a while to list)."""
+    return imagefolder.scan_image_folder(directory, bad_images=bad_images)
 
 
 def _check_split(name: str, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -430,17 +576,22 @@ def load_dataset(name: str, data_dir: PathLike | None = None, **kwargs) -> Datas
     key, directory = _source(name, data_dir)
     if key == "digits":
         return load_digits(**kwargs)
+    if key == "image_folder":
+        return load_image_folder(directory, **kwargs)
     if key in ("mnist", "fashion_mnist"):
         return load_idx(directory, key, **kwargs)
     return load_cifar(directory, num_classes=10 if key == "cifar10" else 100, **kwargs)
 
 
-def check_files(name: str, data_dir: PathLike | None = None) -> None:
+def check_files(name: str, data_dir: PathLike | None = None, bad_images: str = "refuse") -> None:
     """Raises what ``load_dataset`` would for absent files (and IDX images of no pixels),
-    reading no more than the IDX headers."""
+    reading no more than the IDX headers (an image folder: its listing and each file's
+    first bytes)."""
     key, directory = _source(name, data_dir)
     if key in ("mnist", "fashion_mnist"):
         check_idx_headers(_find_idx_files(Path(directory), key))
+    elif key == "image_folder":
+        scan_folder(str(directory), bad_images)
     elif key != "digits":
         classes = 10 if key == "cifar10" else 100
         _find_cifar_root(Path(directory), _CIFAR_LAYOUTS[classes], classes)
@@ -462,11 +613,34 @@ def _source(name: str, data_dir: PathLike | None) -> tuple[str, PathLike | None]
     return key, data_dir
 
 
-def subset(ds: Dataset, train_size: int | None = None, test_size: int | None = None) -> Dataset:
+def held_images(
+    name: str, data_dir: PathLike | None = None, bad_images: str = "refuse"
+) -> tuple[int, int, int]:
+    """``(train images, test images, classes)`` of a data set, without loading it."""
+    key, directory = _source(name, data_dir)
+    if key == "image_folder":
+        train, val = scan_folder(str(directory), bad_images)
+        return len(train), len(val), len(train.classes)
+    return (*DATASET_SIZES[key], DATA_SHAPES[key][1])
+
+
+def subset(ds, train_size: int | None = None, test_size: int | None = None):
     """The first ``train_size`` / ``test_size`` examples of each split (None keeps all).
 
     The normalisation of ``ds`` is kept as it is, not recomputed.
     """
+    if isinstance(ds, FolderDataset):
+        for argument, size, split in (
+            ("train_size", train_size, ds.train),
+            ("test_size", test_size, ds.test),
+        ):
+            if size is not None and not 0 <= size <= len(split):
+                raise ValueError(f"{argument} must be in [0, {len(split)}], got {size}")
+        return dataclasses.replace(
+            ds,
+            train=ds.train if train_size is None else ds.train.first(train_size),
+            test=ds.test if test_size is None else ds.test.first(test_size),
+        )
     train = _first(ds.train_images, ds.train_labels, train_size, "train_size")
     test = _first(ds.test_images, ds.test_labels, test_size, "test_size")
     return dataclasses.replace(
@@ -489,36 +663,10 @@ def _first(
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
-    """Number of batches that ``batches`` yields for ``n`` examples."""
+    """Number of batches of ``batch_size`` in ``n`` examples, the last partial one counted
+    unless ``drop_remainder``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    rng: np.random.Generator | None,
-    drop_remainder: bool,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of ``(images [b, ...], labels [b])`` batches, shuffled when ``rng`` is given.
-
-    Without ``drop_remainder`` the last batch may be smaller; with it, it is left out.
-    """
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    num_steps = steps_per_epoch(len(images), batch_size, drop_remainder)
-    order = np.arange(len(images)) if rng is None else rng.permutation(len(images))
-    return _batches_in_order(images, labels, order, batch_size, num_steps)
-
-
-def _batches_in_order(
-    images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, num_steps: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for step in range(num_steps):
-        indices = order[step * batch_size : (step + 1) * batch_size]
-        yield images[indices], labels[indices]

@@ -4,8 +4,8 @@ The train state is replicated; each global batch is split over the devices
 along its first axis. Under `jax.jit` XLA then computes exactly the single-device
 function (batch statistics and losses over the global batch), so results match
 one device up to the order of floating-point sums. Several hosts join with
-`initialize` before any other JAX call; each then feeds its own slice of every
-global batch.
+`initialize` before any other JAX call; each then reads and feeds only its own
+slice of every global batch (`experiments.pipeline`).
 """
 
 from __future__ import annotations
@@ -95,17 +95,15 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def shard_batch(batch, mesh: Mesh):
-    """A global batch (numpy, identical on every host) split over `mesh`'s data axis."""
+def shard_local_batch(batch, mesh: Mesh):
+    """The global batch whose piece on this process is `batch` (numpy), split over `mesh`'s
+    data axis; each process passes its own contiguous piece, process 0's first."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
 
     def local(array: np.ndarray):
-        per_process = array.shape[0] // jax.process_count()
-        start = jax.process_index() * per_process
-        return jax.make_array_from_process_local_data(
-            sharding, array[start : start + per_process], array.shape
-        )
+        global_shape = (array.shape[0] * jax.process_count(), *array.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, array, global_shape)
 
     return jax.tree_util.tree_map(local, batch)

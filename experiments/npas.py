@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 import search
+from experiments import pipeline
 from experiments.checkpoint import Position
-from experiments.data import Dataset, batches
+from experiments.data import Dataset
 from experiments.settings import SearchConfig
 from experiments.train import (
     NO_SAVING,
@@ -43,12 +43,9 @@ def members_loss(logits: Mapping[str, jax.Array], labels: jax.Array) -> jax.Arra
 
 
 def gradient_batches(dataset: Dataset, batch_size: int, count: int, seed: int):
-    """The first `count` shuffled training batches."""
-    rng = np.random.default_rng(seed)
-    iterator = batches(
-        dataset.train_images, dataset.train_labels, batch_size, rng=rng, drop_remainder=False
-    )
-    return [batch for _, batch in zip(range(count), iterator, strict=False)]
+    """The first `count` training batches shuffled with `seed`, not augmented (an image
+    folder's centre crops); whole on every process."""
+    return pipeline.sample_batches(dataset.split("train"), batch_size, count, seed)
 
 
 def warm_start_params(final: BudgetedModel, params, key) -> dict:

@@ -1,4 +1,4 @@
-"""Named run configurations: the paper's CIFAR settings and small CPU ones of the same shape.
+"""Named run configurations: the paper's CIFAR settings, ImageNet's, and small CPU ones.
 
     from experiments import presets
     from experiments.run import run_training
@@ -6,7 +6,8 @@
     config = presets.with_overrides(presets.get("cifar100-wrn-28-10-b25"), data_dir="~/data")
     run_training(config)
 
-Paper presets (method.md section 9) need `data_dir`; the small ones (digits, embedded, and
+or `npas train --preset cifar100-wrn-28-10-b25 --data-dir ~/data`. Paper presets (method.md
+section 9) and ImageNet's need `data_dir`; the small ones (digits, embedded, and
 Fashion-MNIST subsets) run in minutes on 2 CPU cores.
 """
 
@@ -31,6 +32,16 @@ sub-layer templates."""
 LOW_BUDGETS = (1, 2, 5, 10)
 """Percent of WRN-28-10's shared kernels in the regime of Shapeshifter Networks (down to 1%),
 below the full-size floor: sub-layer templates."""
+
+IMAGENET_LOOP = LoopConfig(epochs=90, batch_size=256, eval_batch_size=256)
+IMAGENET_OPTIM = OptimConfig(
+    learning_rate=0.1, momentum=0.9, weight_decay=1e-4, milestones=(1 / 3, 2 / 3, 8 / 9), decay=0.1
+)
+"""The standard ResNet-50 ImageNet recipe: 90 epochs, batch 256, the rate divided by 10 at
+epochs 30, 60 and 80."""
+IMAGENET_SEARCH = SearchConfig(search_epochs=9, unshare_epoch=5)
+"""The CIFAR recipe's proportions (search 10%, unshare at 5% of the epochs)."""
+IMAGENET_CLASSES = 1000
 
 ENSEMBLE = "wrn-28-7,wrn-28-4,wrn-16-7,wrn-16-4"
 MULTI_WIDTH = "wrn-28-7,wrn-28-4,wrn-28-3"
@@ -61,6 +72,21 @@ def paper(dataset: str, arch: str, budget: str, scope: str = "banks") -> RunConf
     )
 
 
+def imagenet(budget: str, arch: str = "resnet-50-imagenet") -> RunConfig:
+    """ResNet-50 on ImageNet's folder layout (`data_dir`: the folder holding `train/` and
+    `val/`), 224-pixel crops, planned as the paper presets are."""
+    return RunConfig(
+        arch=arch,
+        dataset="image_folder",
+        image_size=224,
+        budget=budget,
+        fill=False,
+        loop=IMAGENET_LOOP,
+        optim=IMAGENET_OPTIM,
+        search=IMAGENET_SEARCH,
+    )
+
+
 def small(dataset: str, arch: str, budget: str, scope: str = "banks", **sizes) -> RunConfig:
     """The same recipe shortened to 15 epochs (search 3, unshare at 1) for a CPU."""
     return RunConfig(
@@ -80,6 +106,8 @@ def _presets() -> dict[str, RunConfig]:
     for dataset in ("cifar100", "cifar10"):
         for percent in LOW_BUDGETS + PAPER_BUDGETS:
             configs[f"{dataset}-wrn-28-10-b{percent}"] = paper(dataset, "wrn-28-10", f"{percent}%")
+    for percent in PAPER_BUDGETS:
+        configs[f"imagenet-resnet-50-b{percent}"] = imagenet(f"{percent}%")
     configs["cifar100-ensemble-18m"] = paper("cifar100", ENSEMBLE, "18M")
     configs["cifar100-multiwidth-18m"] = paper("cifar100", MULTI_WIDTH, "18M")
     for percent in (15, 25, 50):
@@ -132,10 +160,20 @@ def minimum_budget(config: RunConfig) -> tuple[int, int]:
     """`(smallest feasible budget, full size)` of `config`'s model(s), in its scope."""
     # the whole model is a feasible budget: only the minimum is read
     plan = initial_plan(
-        dataclasses.replace(config, fill=False), Budget(fraction=1.0, scope=config.scope)
+        dataclasses.replace(config, fill=False),
+        Budget(fraction=1.0, scope=config.scope),
+        data=data_without_files(config),
     )
     full = plan.dense_params - (plan.unshared_params if config.scope == "banks" else 0)
     return plan.minimum_budget, full
+
+
+def data_without_files(config: RunConfig) -> tuple | None:
+    """`(image shape, classes)` of an image-folder preset taken as ImageNet's, so that it
+    plans with no folder at hand; None for the data sets whose shapes are known."""
+    if config.dataset != "image_folder" or config.data_dir is not None:
+        return None
+    return (config.image_size, config.image_size, 3), IMAGENET_CLASSES
 
 
 def budget_params(config: RunConfig) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from experiments.ensemble import (
 )
 from experiments.models import build_budgeted, build_dense, compute_dtype
 from experiments.npas import run_npas, unshares
+from experiments.pipeline import Loader
 from experiments.plots import assignment_figure, similarity_figure
 from experiments.rundir import RunDir
 from experiments.settings import DEFAULT_AUGMENTATION
@@ -43,6 +44,7 @@ from experiments.train import (
     Saving,
     TrainState,
     abstract_train_state,
+    loader_of,
     make_eval_step,
     predict,
     split_exits,
@@ -72,19 +74,33 @@ class Setting:
     sample: jax.Array
 
 
+def augmentation_name(config: RunConfig) -> str:
+    """The augmentation `config` names, "auto" resolved for its data set."""
+    if config.augmentation == "auto":
+        return DEFAULT_AUGMENTATION[config.dataset]
+    return config.augmentation
+
+
 def load_data(config: RunConfig) -> Dataset:
-    dataset = load_dataset(config.dataset, config.data_dir)
+    folder = {}
+    if config.dataset == "image_folder":
+        folder = {
+            "image_size": config.image_size,
+            "augmentation": augment.preset(augmentation_name(config)),
+            "bad_images": config.bad_images,
+        }
+    dataset = load_dataset(config.dataset, config.data_dir, **folder)
     if config.train_size is not None or config.test_size is not None:
         dataset = subset(dataset, config.train_size, config.test_size)
     return dataset
 
 
 def with_augmentation(config: RunConfig, dataset: Dataset) -> RunConfig:
-    """`config` with its augmentation named ("auto" resolved) and set in its loop."""
-    name = (
-        DEFAULT_AUGMENTATION[dataset.name] if config.augmentation == "auto" else config.augmentation
-    )
-    loop = dataclasses.replace(config.loop, augmentation=augment.preset(name))
+    """`config` with its augmentation named ("auto" resolved) and what of it the train step
+    does on the device set in its loop (an image folder's is done as images are read)."""
+    name = augmentation_name(config)
+    on_device = dataset.device_augmentation(augment.preset(name))
+    loop = dataclasses.replace(config.loop, augmentation=on_device)
     return dataclasses.replace(config, augmentation=name, loop=loop)
 
 
@@ -296,10 +312,13 @@ def train_in(config: RunConfig, run_dir: RunDir, should_stop, progress: bool, lo
     run_dir.start(config, resumed["training"].position.epoch if resumed["training"] else 1)
     hooks = Hooks(log, progress, run_dir.append_metrics)
     log(
-        f"training on {dataset.name}: {len(dataset.train_images):,} train / "
-        f"{len(dataset.test_images):,} test images, {config.loop.epochs} epochs, "
+        f"training on {dataset.name}: {dataset.train_size:,} train / "
+        f"{dataset.test_size:,} test images, {config.loop.epochs} epochs, "
         f"{jax.device_count()} {jax.default_backend()} device(s), computing in {config.dtype}"
     )
+    skipped = getattr(dataset, "skipped", ())
+    if skipped:
+        log(f"skipped {len(skipped):,} files that are not images (--bad-images skip): {skipped[0]}")
     summary = {"arch": config.arch, "dataset": dataset.name, "dense": config.dense, "budget": None}
     phases = ("training", "search") if searches(config) else ("training",)
     savings = {p: saving_for(run_dir, config, p, should_stop) for p in phases}
@@ -312,7 +331,15 @@ def train_in(config: RunConfig, run_dir: RunDir, should_stop, progress: bool, lo
     summary.update(metrics)
     if len(setting.modules) > 1 or config.exits:
         summary.update(
-            ensemble_summary(model, state, dataset, config.loop.eval_batch_size, run_dir, log)
+            ensemble_summary(
+                model,
+                state,
+                dataset,
+                config.loop.eval_batch_size,
+                loader_of(config.loop, dataset),
+                run_dir,
+                log,
+            )
         )
     if config.compare_dense and not config.dense and len(setting.modules) > 1:
         summary.update(compare_with_dense(config, summary, run_dir, progress, log))
@@ -377,16 +404,18 @@ def search_summary(result, plan) -> str:
     return "\n".join(lines)
 
 
-def ensemble_summary(model, state, dataset, batch_size: int, run_dir: RunDir, log) -> dict:
+def ensemble_summary(
+    model, state, dataset, batch_size: int, loader: Loader, run_dir: RunDir, log
+) -> dict:
     """Diversity, anytime curves (members cheapest first, and each member's early exits,
     against FLOPs) and parameter saving.
 
     FLOPs are XLA's estimate for one batch of `batch_size` test images; a budgeted
     ensemble pays the composition of its weights once per batch on top.
     """
-    logits = predict(
-        make_eval_step(model), state.params, state.model_state, dataset.test_images, batch_size
-    )
+    eval_step = make_eval_step(model)
+    test = dataset.split("test")
+    logits = predict(eval_step, state.params, state.model_state, test, batch_size, loader)
     finals, _ = split_exits(logits)
     metrics = ensemble_metrics(finals, dataset.test_labels)
     budgeted = hasattr(model, "plan")

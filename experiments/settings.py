@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist")
-"""The data sets `RunConfig.dataset` may name (`experiments.data.load`)."""
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "image_folder")
+"""The data sets `RunConfig.dataset` may name (`experiments.data.load_dataset`); an
+`image_folder` is any folder in ImageNet's layout (`train/<class>/*.jpg`, `val/<class>/*`)."""
+
+BAD_IMAGES = ("refuse", "skip")
+"""What an image folder's files that are not images get (`RunConfig.bad_images`)."""
 
 SIMILARITIES = ("gradients", "weights")
 """What the search may compare layers by (`SearchConfig.similarity`)."""
@@ -29,11 +33,15 @@ class Augmentation:
       crop_padding: random crop after zero-padding this many pixels (0 = none).
       flip: random horizontal flip.
       cutout: side of a square zeroed at a random centre (0 = none).
+      resized_crop: random resized crop (scale 8-100%, aspect 3/4-4/3) to the
+        image size, ImageNet's recipe; image folders only, done with the flip
+        as images are decoded (the others are done on the device).
     """
 
     crop_padding: int = 0
     flip: bool = False
     cutout: int = 0
+    resized_crop: bool = False
 
 
 AUGMENTATIONS = {
@@ -41,6 +49,7 @@ AUGMENTATIONS = {
     "cifar": Augmentation(crop_padding=4, flip=True, cutout=16),
     "mnist": Augmentation(crop_padding=2),
     "digits": Augmentation(crop_padding=1),
+    "imagenet": Augmentation(flip=True, resized_crop=True),
 }
 """Named augmentations (`--augment`)."""
 
@@ -50,6 +59,7 @@ DEFAULT_AUGMENTATION = {
     "mnist": "mnist",
     "fashion_mnist": "mnist",
     "digits": "digits",
+    "image_folder": "imagenet",
 }
 """The augmentation `--augment auto` picks for each data set."""
 
@@ -76,7 +86,12 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """Length and batching of a run."""
+    """Length, batching and reading of a run.
+
+    `workers` are the processes that read and transform batches (None: none
+    for data held in memory, up to 8 for image folders); `prefetch` the
+    batches kept on the devices ahead of the step.
+    """
 
     epochs: int = 30
     batch_size: int = 128
@@ -84,6 +99,8 @@ class LoopConfig:
     eval_every: int = 0
     seed: int = 0
     augmentation: Augmentation = Augmentation()
+    workers: int | None = None
+    prefetch: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +146,8 @@ class RunConfig:
     None keeps nothing on disk. `dtype` is what the members compute in
     ("float32" or "bfloat16"); params and optimizer state are float32 either way.
     `sublayer_templates` is `superweights.budget.SUBLAYER_TEMPLATES`'s value.
+    `image_size` and `bad_images` concern image folders: the side their images
+    are cropped to, and whether files that are not images are refused or skipped.
     """
 
     arch: str = "wrn-28-1"
@@ -146,6 +165,8 @@ class RunConfig:
     train_size: int | None = None
     test_size: int | None = None
     augmentation: str = "auto"
+    image_size: int = 224
+    bad_images: str = "refuse"
     output_dir: str | None = None
     checkpoint_every: int = 1
     checkpoint_steps: int = 0

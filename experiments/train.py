@@ -21,9 +21,9 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments import augment as augmentation
-from experiments import distributed
-from experiments.checkpoint import Checkpoints, Interrupted, Position, order_generator
-from experiments.data import Dataset, batches, steps_per_epoch
+from experiments import distributed, pipeline
+from experiments.checkpoint import Checkpoints, Interrupted, Position
+from experiments.data import Dataset, Split, steps_per_epoch
 from experiments.settings import LoopConfig, OptimConfig
 
 
@@ -96,7 +96,7 @@ def make_train_step(model, optimizer, augment: augmentation.Augmentation) -> Cal
 
 def abstract_train_state(model, dataset: Dataset, loop: LoopConfig, optim: OptimConfig):
     """The shapes of `train`'s state for `model` (what a checkpoint restores into)."""
-    steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
+    steps = steps_per_epoch(dataset.train_size, loop.batch_size, drop_remainder=True)
 
     def initial(key):
         params, model_state = model.init(key)
@@ -118,21 +118,44 @@ def make_eval_step(model) -> Callable:
     return eval_step
 
 
-def predict(eval_step, params, model_state, images: np.ndarray, batch_size: int) -> dict:
-    """`{member: logits [n, classes]}` over all `images`, the last batch padded.
+def loader_of(loop: LoopConfig, dataset) -> pipeline.Loader:
+    """How `loop` reads `dataset` (`workers` None: what suits where the data is)."""
+    workers = loop.workers
+    if workers is None:
+        workers = pipeline.default_workers(dataset.in_memory)
+    return pipeline.Loader(workers=workers, prefetch=loop.prefetch)
 
-    Each batch is split over the devices of the data mesh, like a training batch.
+
+def predict(
+    eval_step,
+    params,
+    model_state,
+    split: Split,
+    batch_size: int,
+    loader: pipeline.Loader | None = None,
+) -> dict:
+    """`{member: logits [len(split), classes]}` over the whole split, in its order.
+
+    Each process reads its piece of every batch (the last batch padded), which
+    is split over the devices of the data mesh like a training batch.
     """
+    loader = loader or pipeline.Loader()
     mesh = distributed.data_mesh()
+    batches = pipeline.evaluation_batches(
+        split, batch_size, process=jax.process_index(), processes=jax.process_count()
+    )
     outputs: dict[str, list] = {}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]))])
-        batch = distributed.shard_batch(padded.astype(chunk.dtype), mesh)
-        logits = distributed.to_host(eval_step(params, model_state, batch))
-        for name, value in logits.items():
-            outputs.setdefault(name, []).append(value[: len(chunk)])
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+    iterator = pipeline.iterate(batches, loader)
+    try:
+        for (images, _), _ in pipeline.DevicePrefetch(
+            iterator, pipeline.device_put(mesh), loader.prefetch
+        ):
+            logits = distributed.to_host(eval_step(params, model_state, images))
+            for name, value in logits.items():
+                outputs.setdefault(name, []).append(value)
+    finally:
+        pipeline.close(iterator)
+    return {name: np.concatenate(parts)[: len(split)] for name, parts in outputs.items()}
 
 
 def split_exits(logits: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -261,9 +284,9 @@ NO_SAVING = Saving()
 
 
 def check_batch_size(loop: LoopConfig, dataset: Dataset) -> None:
-    if loop.batch_size > len(dataset.train_images):
+    if loop.batch_size > dataset.train_size:
         raise ValueError(
-            f"batch size {loop.batch_size} exceeds the {len(dataset.train_images)} training "
+            f"batch size {loop.batch_size} exceeds the {dataset.train_size} training "
             "examples; lower --batch-size"
         )
 
@@ -298,7 +321,7 @@ def train(
         time and, every `eval_every` epochs and at the end, test metrics.
     """
     check_batch_size(loop, dataset)
-    steps = steps_per_epoch(len(dataset.train_images), loop.batch_size, drop_remainder=True)
+    steps = steps_per_epoch(dataset.train_size, loop.batch_size, drop_remainder=True)
     total_steps = steps * loop.epochs
     last_epoch = loop.epochs if phase.stop_after is None else min(phase.stop_after, loop.epochs)
     init_key, train_key = jax.random.split(jax.random.key(loop.seed))
@@ -321,68 +344,72 @@ def train(
     if phase.resume is not None:
         state, position = phase.resume
     state = distributed.replicate(state, mesh)
-    order = order_generator(loop.seed, position)
     first_epoch = position.epoch if position else 1
+    loader = loader_of(loop, dataset)
+    test_split = dataset.split("test")
 
     def evaluate(state: TrainState) -> dict:
         logits = predict(
-            eval_step, state.params, state.model_state, dataset.test_images, loop.eval_batch_size
+            eval_step, state.params, state.model_state, test_split, loop.eval_batch_size, loader
         )
         return classification_metrics(logits, dataset.test_labels)
 
+    run_batches = pipeline.training_batches(
+        dataset.split("train", augment=True),
+        loop.batch_size,
+        loop.epochs,
+        loop.seed,
+        process=jax.process_index(),
+        processes=jax.process_count(),
+    )
+    input_state = position.input_state if position else None
+    iterator = pipeline.iterate(run_batches, loader, input_state)
+    batches = pipeline.DevicePrefetch(iterator, pipeline.device_put(mesh), loader.prefetch)
     bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     bar.update(int(state.step))
     metrics: dict = dict(position.metrics) if position else {}
     start = time.perf_counter() - metrics.get("time", 0.0)
-    for epoch in range(first_epoch, last_epoch + 1):
-        epoch_start = order.bit_generator.state
-        epoch_clock = time.perf_counter()
-        resuming = position is not None and epoch == position.epoch
-        done = position.batches_done if resuming else 0
-        losses = list(position.losses) if resuming else []
-        epoch_batches = batches(
-            dataset.train_images,
-            dataset.train_labels,
-            loop.batch_size,
-            rng=order,
-            drop_remainder=True,
-        )
-        for index, (images, labels) in enumerate(epoch_batches):
-            if index < done:
-                continue
-            state, step_metrics = train_step(
-                state, *distributed.shard_batch((images, labels), mesh)
-            )
-            losses.append(step_metrics["loss"])
-            bar.update()
-            stop = saving.should_stop()
-            if stop or (index + 1 < steps and saving.due((epoch - 1) * steps + index + 1)):
-                at = Position(epoch, index + 1, epoch_start, host_losses(losses), metrics)
-                saving.save(model, state, at)
-            if stop:
-                bar.close()
-                raise saving.interrupted(state, epoch)
-        epoch_loss = float(np.mean(np.asarray(jax.device_get(losses), np.float32)))
-        if not math.isfinite(epoch_loss):
-            bar.close()
-            raise saving.diverged(epoch_loss, epoch)
-        if epoch in phase.interventions:
-            model, state = phase.interventions[epoch](model, state)
-            optimizer, train_step, eval_step = compile_steps(model, state.params)
-        seconds = time.perf_counter() - epoch_clock
-        metrics = {
-            "epoch": epoch,
-            "train_loss": epoch_loss,
-            "time": time.perf_counter() - start,
-            "images_per_second": (len(losses) - done) * loop.batch_size / seconds,
-        }
-        if epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0):
-            metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
-        bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
-        if on_epoch:
-            on_epoch(metrics)
-        if saving.due_after_epoch(epoch, last_epoch, epoch * steps):
-            next_epoch = Position(epoch + 1, 0, order.bit_generator.state, (), metrics)
-            saving.save(model, state, next_epoch)
-    bar.close()
+    try:
+        for epoch in range(first_epoch, last_epoch + 1):
+            epoch_clock, waited = time.perf_counter(), batches.waited
+            resuming = position is not None and epoch == position.epoch
+            done = position.batches_done if resuming else 0
+            losses = list(position.losses) if resuming else []
+            for index in range(done, steps):
+                (images, labels), input_state = next(batches)
+                state, step_metrics = train_step(state, images, labels)
+                losses.append(step_metrics["loss"])
+                bar.update()
+                stop = saving.should_stop()
+                if stop or (index + 1 < steps and saving.due((epoch - 1) * steps + index + 1)):
+                    at = Position(epoch, index + 1, input_state, host_losses(losses), metrics)
+                    saving.save(model, state, at)
+                if stop:
+                    raise saving.interrupted(state, epoch)
+            epoch_loss = float(np.mean(np.asarray(jax.device_get(losses), np.float32)))
+            if not math.isfinite(epoch_loss):
+                raise saving.diverged(epoch_loss, epoch)
+            if epoch in phase.interventions:
+                model, state = phase.interventions[epoch](model, state)
+                optimizer, train_step, eval_step = compile_steps(model, state.params)
+            seconds = time.perf_counter() - epoch_clock
+            input_seconds = batches.waited - waited
+            metrics = {
+                "epoch": epoch,
+                "train_loss": epoch_loss,
+                "time": time.perf_counter() - start,
+                "images_per_second": (len(losses) - done) * loop.batch_size / seconds,
+                "input_seconds": input_seconds,
+                "step_seconds": seconds - input_seconds,
+            }
+            if epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0):
+                metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
+            bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
+            if on_epoch:
+                on_epoch(metrics)
+            if saving.due_after_epoch(epoch, last_epoch, epoch * steps):
+                saving.save(model, state, Position(epoch + 1, 0, input_state, (), metrics))
+    finally:
+        bar.close()
+        batches.close()
     return state, metrics

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -100,7 +103,7 @@ def norm_params(layers: list[LayerSpec]) -> list[ParamSpec]:
     ]
 
 
-WALL_CLOCK = ("time", "images_per_second")
+WALL_CLOCK = ("time", "images_per_second", "input_seconds", "step_seconds")
 """Fields of a run's files that differ between two runs of the same settings."""
 
 
@@ -115,3 +118,31 @@ def run_files(out: Path) -> tuple[dict, list[dict], list[dict]]:
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     return summary, [without_wall_clock(r) for r in lines], [without_wall_clock(r) for r in rows]
+
+
+def saved_steps(directory: Path) -> list[int]:
+    """The steps of the checkpoints that landed in `directory`."""
+    return sorted(int(p.name) for p in directory.glob("*") if p.is_dir() and p.name.isdigit())
+
+
+def kill_once(argv: list[str], landed) -> dict:
+    """Starts `npas` on `argv` and kills it (SIGKILL) as soon as `landed()` holds.
+
+    Returns what was seen: whether the child was still running when killed, and the
+    checkpoint steps of both phases at that moment.
+    """
+    out = Path(argv[argv.index("--output-dir") + 1])
+    command = [sys.executable, "-m", "experiments.cli", *argv]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300  # catches a hang only
+    while not landed(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    running = process.poll() is None
+    process.kill()
+    process.wait()
+    return {
+        "running": running,
+        "search": saved_steps(out / "search_checkpoints"),
+        "training": saved_steps(out / "checkpoints"),
+        "searched": (out / "search.json").exists(),
+    }

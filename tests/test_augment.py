@@ -131,7 +131,7 @@ def test_presets():
 
 
 def test_unknown_preset_raises_and_lists_the_names():
-    with pytest.raises(ValueError, match="unknown augmentation 'imagenet'") as error:
-        augment.preset("imagenet")
+    with pytest.raises(ValueError, match="unknown augmentation 'autoaugment'") as error:
+        augment.preset("autoaugment")
     for name in augment.PRESETS:
         assert repr(name) in str(error.value)

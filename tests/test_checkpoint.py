@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_files, subprocess_env
+from conftest import kill_once, run_files, saved_steps, subprocess_env
 
 from experiments.checkpoint import CheckpointError, Checkpoints, Interrupted
 from experiments.data import load_digits, subset
@@ -377,34 +377,6 @@ def test_the_command_line_reports_a_full_disk_in_one_line_and_resumes_once_freed
     code, out = main(argv), capsys.readouterr().out
     assert code == 0 and "resuming training from step 3 (epoch 2" in out
     assert (tmp_path / "summary.json").exists()
-
-
-def saved_steps(directory: Path) -> list[int]:
-    """The steps of the checkpoints that landed in `directory`."""
-    return sorted(int(p.name) for p in directory.glob("*") if p.is_dir() and p.name.isdigit())
-
-
-def kill_once(argv: list[str], landed) -> dict:
-    """Starts `npas` on `argv` and kills it (SIGKILL) as soon as `landed()` holds.
-
-    Returns what was seen: whether the child was still running when killed, and the
-    checkpoint steps of both phases at that moment.
-    """
-    out = Path(argv[argv.index("--output-dir") + 1])
-    command = [sys.executable, "-m", "experiments.cli", *argv]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
-    deadline = time.time() + 300  # catches a hang only
-    while not landed(out) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    running = process.poll() is None
-    process.kill()
-    process.wait()
-    return {
-        "running": running,
-        "search": saved_steps(out / "search_checkpoints"),
-        "training": saved_steps(out / "checkpoints"),
-        "searched": (out / "search.json").exists(),
-    }
 
 
 KILLED = [

@@ -13,7 +13,6 @@ from experiments.data import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     Dataset,
-    batches,
     load_cifar,
     load_dataset,
     load_digits,
@@ -521,71 +520,6 @@ def test_dataset_checks_split_shapes():
         Dataset("toy", images, np.zeros(2, np.int32), images, np.zeros(3, np.int32), 2)
     with pytest.raises(ValueError, match="differ in shape"):
         Dataset("toy", images, np.zeros(3, np.int32), images[:, :2], np.zeros(3, np.int32), 2)
-
-
-def toy_examples(count: int) -> tuple[np.ndarray, np.ndarray]:
-    images = np.arange(count, dtype=np.float32).reshape(count, 1, 1, 1) * np.ones((1, 2, 2, 1))
-    return images.astype(np.float32), np.arange(count, dtype=np.int32)
-
-
-@pytest.mark.parametrize("rng", [None, np.random.default_rng(0)], ids=["ordered", "shuffled"])
-def test_batches_cover_every_example_once(rng):
-    images, labels = toy_examples(23)
-    epoch = list(batches(images, labels, 5, rng=rng, drop_remainder=False))
-    assert [len(batch_labels) for _, batch_labels in epoch] == [5, 5, 5, 5, 3]
-    assert len(epoch) == steps_per_epoch(23, 5, drop_remainder=False)
-    seen = np.concatenate([batch_labels for _, batch_labels in epoch])
-    np.testing.assert_array_equal(np.sort(seen), labels)
-    for batch_images, batch_labels in epoch:
-        np.testing.assert_array_equal(batch_images[:, 0, 0, 0], batch_labels)
-
-
-def test_batches_without_rng_keep_order():
-    images, labels = toy_examples(10)
-    seen = np.concatenate(
-        [b for _, b in batches(images, labels, 4, rng=None, drop_remainder=False)]
-    )
-    np.testing.assert_array_equal(seen, labels)
-
-
-def test_batches_drop_remainder():
-    images, labels = toy_examples(23)
-    epoch = list(batches(images, labels, 5, rng=None, drop_remainder=True))
-    assert [len(batch_labels) for _, batch_labels in epoch] == [5, 5, 5, 5]
-    assert len(epoch) == steps_per_epoch(23, 5, drop_remainder=True)
-
-
-def test_batches_shuffle_with_rng():
-    images, labels = toy_examples(50)
-
-    def epoch_order(seed: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        epoch = batches(images, labels, 8, rng=rng, drop_remainder=False)
-        return np.concatenate([batch_labels for _, batch_labels in epoch])
-
-    assert not np.array_equal(epoch_order(0), labels)
-    np.testing.assert_array_equal(epoch_order(0), epoch_order(0))
-    assert not np.array_equal(epoch_order(0), epoch_order(1))
-
-
-def test_batches_reshuffle_each_epoch_from_one_rng():
-    images, labels = toy_examples(50)
-    rng = np.random.default_rng(0)
-    first = np.concatenate(
-        [b for _, b in batches(images, labels, 50, rng=rng, drop_remainder=False)]
-    )
-    second = np.concatenate(
-        [b for _, b in batches(images, labels, 50, rng=rng, drop_remainder=False)]
-    )
-    assert not np.array_equal(first, second)
-
-
-def test_batches_validate_arguments_eagerly():
-    images, labels = toy_examples(4)
-    with pytest.raises(ValueError, match="4 images but 3 labels"):
-        batches(images, labels[:3], 2, rng=None, drop_remainder=False)
-    with pytest.raises(ValueError, match="batch_size must be positive"):
-        batches(images, labels, 0, rng=None, drop_remainder=False)
 
 
 @pytest.mark.parametrize(

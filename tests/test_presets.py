@@ -8,7 +8,7 @@ from experiments.data import DATA_SHAPES, DATASET_NAMES
 from superweights import Budget
 
 PAPER = [name for name in presets.names() if name.startswith("cifar")]
-SMALL = [name for name in presets.names() if not name.startswith("cifar")]
+IMAGENET = [name for name in presets.names() if name.startswith("imagenet")]
 
 
 def test_names_are_sorted_unique_and_cover_both_kinds():
@@ -20,13 +20,15 @@ def test_names_are_sorted_unique_and_cover_both_kinds():
     assert {"cifar100-ensemble-18m", "cifar100-multiwidth-18m"} <= set(names)
     assert {"digits-wrn-28-1-b25", "digits-ensemble"} <= set(names)
     assert any(name.startswith("fashion_mnist-") for name in names)
+    assert [f"imagenet-resnet-50-b{p}" for p in (15, 25, 50)] == IMAGENET
 
 
 @pytest.mark.parametrize("name", presets.names())
 def test_every_preset_builds_a_valid_run_config(name):
     config = presets.get(name)
     assert isinstance(config, RunConfig)
-    assert config.dataset in DATASET_NAMES and config.dataset in DATA_SHAPES
+    assert config.dataset in DATASET_NAMES
+    assert config.dataset in DATA_SHAPES or config.dataset == "image_folder"
     assert arch_list(config.arch)
     Budget.parse(config.budget, config.scope)
     assert config.data_dir is None  # given by the user (digits needs none)
@@ -54,6 +56,57 @@ def test_paper_presets_use_the_paper_recipe(name):
     assert config.search.unshare_epoch == 10
     assert config.augmentation == "auto" and not config.dense
     assert config.train_size is None and config.test_size is None
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_imagenet_presets_are_resnet_50_on_the_standard_recipe(name):
+    config = presets.get(name)
+    assert (config.arch, config.dataset, config.image_size) == (
+        "resnet-50-imagenet",
+        "image_folder",
+        224,
+    )
+    assert config.augmentation == "auto"  # an image folder's: random resized crop and flip
+    assert (config.loop.epochs, config.loop.batch_size) == (90, 256)
+    optim = config.optim
+    assert (optim.learning_rate, optim.momentum, optim.weight_decay) == (0.1, 0.9, 1e-4)
+    assert [round(m * 90) for m in optim.milestones] == [30, 60, 80] and optim.decay == 0.1
+    assert (config.search.search_epochs, config.search.unshare_epoch) == (9, 5)
+    assert config.budget == name.rsplit("-b", 1)[1] + "%" and not config.fill
+
+
+def test_imagenet_presets_plan_resnet_50_with_a_thousand_classes():
+    # ResNet-50's convolution kernels, by hand: stem 7*7*3*64 = 9,408; per bottleneck
+    # 1x1 (c_in -> w), 3x3 (w -> w), 1x1 (w -> 4w), and a 1x1 projection on each stage's
+    # first block; stages (w, blocks) = (64, 3), (128, 4), (256, 6), (512, 3).
+    shared, c_in = 7 * 7 * 3 * 64, 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shared += c_in * width + 9 * width * width + width * 4 * width
+            if block == 0:
+                shared += c_in * 4 * width
+            c_in = 4 * width
+    assert shared == 23_454_912
+    minimum, full = presets.minimum_budget(presets.get("imagenet-resnet-50-b25"))
+    assert full == shared
+    params, _ = presets.budget_params(presets.get("imagenet-resnet-50-b25"))
+    assert params == int(0.25 * shared)
+
+
+def test_every_preset_is_what_npas_train_preset_gives():
+    from experiments.cli import config_from_args, parse_args
+
+    for name in presets.names():
+        assert config_from_args(parse_args(["train", "--preset", name])) == presets.get(name)
+    args = ["train", "--preset", "imagenet-resnet-50-b25", "--data-dir", "/data", "--epochs", "3"]
+    config = config_from_args(parse_args([*args, "--search-epochs", "1"]))
+    expected = presets.with_overrides(
+        presets.get("imagenet-resnet-50-b25"),
+        data_dir="/data",
+        loop={"epochs": 3},
+        search={"search_epochs": 1},
+    )
+    assert config == expected
 
 
 def test_paper_ensembles_are_the_authors_banks_budget():

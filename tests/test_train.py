@@ -9,7 +9,7 @@ import pytest
 from scipy.special import log_softmax, softmax
 
 from experiments.augment import Augmentation
-from experiments.data import load_digits, subset
+from experiments.data import ArrayRecords, Split, load_digits, subset
 from experiments.models import build_budgeted, create_members
 from experiments.train import (
     LoopConfig,
@@ -191,7 +191,8 @@ def test_predict_pads_the_last_batch_and_returns_n_rows(n, batch_size):
         seen.append(np.array(x))
         return jitted(p, s, x)
 
-    out = predict(eval_step, params, state, images, batch_size)
+    labels = np.arange(n, dtype=np.int32)
+    out = predict(eval_step, params, state, Split(ArrayRecords(images, labels)), batch_size)
     assert set(out) == {"a", "b"}
     expected, _ = model.apply(params, state, jnp.asarray(images))
     for name in ("a", "b"):
@@ -200,7 +201,9 @@ def test_predict_pads_the_last_batch_and_returns_n_rows(n, batch_size):
     assert len(seen) == math.ceil(n / batch_size)
     assert all(x.shape == (batch_size, 2, 3, 1) and x.dtype == np.float32 for x in seen)
     np.testing.assert_array_equal(np.concatenate(seen)[:n], images)
-    np.testing.assert_array_equal(np.concatenate(seen)[n:], 0.0)
+    padding = np.concatenate(seen)[n:]  # copies of the last image
+    assert len(padding) == math.ceil(n / batch_size) * batch_size - n
+    np.testing.assert_array_equal(padding, np.broadcast_to(images[-1], padding.shape))
 
 
 def test_predict_matches_an_unpadded_forward_of_a_real_network(digits):
@@ -208,7 +211,8 @@ def test_predict_matches_an_unpadded_forward_of_a_real_network(digits):
     model = build_budgeted(module, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
     params, state = model.init(jax.random.key(0))
     images = digits.test_images[:11]
-    out = predict(make_eval_step(model), params, state, images, batch_size=4)
+    test = Split(ArrayRecords(images, digits.test_labels[:11]))
+    out = predict(make_eval_step(model), params, state, test, batch_size=4)
     expected, _ = model.apply(params, state, jnp.asarray(images), train=False)
     assert out["wrn-10-1"].shape == (11, 10)
     np.testing.assert_allclose(out["wrn-10-1"], expected["wrn-10-1"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,142 @@
+"""Training on an image folder (ImageNet's layout) from the command line: a run, a run
+killed mid-epoch and resumed, and the refusals of bad folders."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+from conftest import kill_once, run_files, saved_steps
+
+from experiments.cli import main
+from experiments.imagefolder import write_image_folder
+
+TRAIN_PER_CLASS, VAL_PER_CLASS, CLASSES = 12, 3, ("ant", "bee", "cat", "dog")
+BATCH = 8
+STEPS = len(CLASSES) * TRAIN_PER_CLASS // BATCH  # 48 images: 6 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_image_folder(
+        root, classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS
+    )
+
+
+def folder_argv(root, *extra: str) -> list[str]:
+    return [
+        "train", "--dataset", "image_folder", "--data-dir", str(root), "--image-size", "16",
+        "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", str(BATCH), "--epochs", "3",
+        "--search-epochs", "1", "--unshare-epoch", "1", "--checkpoint-steps", "2",
+        "--workers", "2", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    code, stdout, stderr = run(folder_argv(folder, "--output-dir", str(out)))
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_a_run_on_an_image_folder_reads_its_classes_and_splits(uninterrupted):
+    out, stdout = uninterrupted
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "image_folder"
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert "training on image_folder: 48 train / 12 test images, 3 epochs" in stdout
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    for epoch in epochs:  # the time waiting for input is split from the steps' time
+        assert epoch["input_seconds"] >= 0 and epoch["step_seconds"] > 0
+    plan = json.loads((out / "plan.json").read_text())
+    head = [x for x in plan["layers"] if x["path"].endswith("kernel") and len(x["shape"]) == 2]
+    assert all(x["shape"][-1] == len(CLASSES) for x in head)  # classes from the folders
+
+
+def test_a_run_killed_mid_epoch_resumes_on_the_next_batch_and_ends_the_same(
+    folder, uninterrupted, tmp_path, capsys
+):
+    argv = folder_argv(folder, "--output-dir", str(tmp_path))
+    # the final training saves every 2 steps; step 8 is in epoch 2 (steps 7-12), mid-epoch
+    seen = kill_once(argv, lambda out: max(saved_steps(out / "checkpoints"), default=0) >= 8)
+    assert seen["running"] and seen["searched"], seen
+    killed_at = max(seen["training"])
+    assert 8 <= killed_at < 3 * STEPS and killed_at % STEPS, seen  # inside an epoch
+    assert main(argv) == 0
+    assert f"resuming training from step {killed_at} " in capsys.readouterr().out
+    assert run_files(tmp_path) == run_files(uninterrupted[0])
+
+
+# --- bad folders ------------------------------------------------------------------------------
+
+
+def refusal(root, *extra: str) -> str:
+    code, _, stderr = run(folder_argv(root, *extra))
+    assert code == 2, stderr
+    assert stderr.startswith("npas: error: ") and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def test_an_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "train" in refusal(tmp_path / "empty")
+
+
+def test_a_class_with_no_images_is_refused(folder, tmp_path):
+    root = copy_of(folder, tmp_path)
+    for image in (root / "val" / "bee").iterdir():
+        image.unlink()
+    stderr = refusal(root)
+    assert "bee" in stderr and "val" in stderr
+
+
+def test_train_and_val_with_different_classes_are_refused(folder, tmp_path):
+    root = copy_of(folder, tmp_path)
+    (root / "val" / "dog").rename(root / "val" / "eel")
+    stderr = refusal(root)
+    assert "dog" in stderr and "eel" in stderr
+
+
+def test_a_file_that_is_not_an_image_is_refused_or_skipped_as_asked(folder, tmp_path):
+    root = copy_of(folder, tmp_path)
+    (root / "train" / "cat" / "notes.jpg").write_text("not a picture")
+    stderr = refusal(root)
+    assert "notes.jpg" in stderr and "--bad-images skip" in stderr
+    code, stdout, stderr = run(
+        folder_argv(root, "--bad-images", "skip", "--epochs", "1", "--search-epochs", "1")
+        + ["--unshare-epoch", "0", "--no-search"]
+    )
+    assert code == 0, stderr
+    assert "skipped 1 files that are not images" in stdout and "notes.jpg" in stdout
+    assert "48 train / 12 test images" in stdout
+
+
+def test_an_image_that_does_not_decode_stops_the_run_naming_it_not_a_worker(folder, tmp_path):
+    root = copy_of(folder, tmp_path)
+    broken = root / "train" / "ant" / "ant_0000.jpg"
+    broken.write_bytes(broken.read_bytes()[:3] + b"\0" * 200)  # a JPEG's header, no image
+    code, _, stderr = run(folder_argv(root, "--epochs", "1", "--no-search", "--unshare-epoch", "0"))
+    assert code == 2, stderr
+    assert "ant_0000.jpg: not a readable image" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_image_folder_augmentations_must_be_of_its_kind(folder):
+    assert "image folders do not do" in refusal(folder, "--augment", "cifar")
+    code, _, stderr = run(["train", "--augment", "imagenet", "--epochs", "1"])
+    assert code == 2 and "held in memory" in stderr, stderr
