@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -102,10 +103,12 @@ def _stack(examples: list):
 
 
 def checked(batch):
-    """`batch`, unless a record of it could not be read: then `DataError` naming it."""
+    """`batch` as plain numpy arrays, unless a record of it could not be read: then
+    `DataError` naming it. (A worker's batch arrives in shared memory, which is released
+    once nothing refers to it; a device array on the CPU could keep referring to it.)"""
     if isinstance(batch, Unreadable):
         raise DataError(batch.message)
-    return batch
+    return tuple(np.array(part) for part in batch)
 
 
 def training_batches(
@@ -196,10 +199,13 @@ def iterate(dataset: grain.MapDataset, loader: Loader, state: dict | None = None
 
 
 def close(iterator) -> None:
-    """Stops an iterator's threads and worker processes now, not at interpreter exit."""
+    """Stops an iterator's threads and worker processes now, not at interpreter exit, and
+    frees the shared memory of the batches its workers had made (held in reference cycles,
+    which only the collector breaks)."""
     closer = getattr(iterator, "close", None)
     if closer is not None:
         closer()
+        gc.collect()
 
 
 class DevicePrefetch:

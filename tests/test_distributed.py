@@ -136,6 +136,7 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
     outputs = [host.communicate(timeout=600) for host in hosts]
     for host, (_, stderr) in zip(hosts, outputs, strict=True):
         assert host.returncode == 0, stderr
+        assert "leaked shared_memory" not in stderr  # the workers' batches were freed
 
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
