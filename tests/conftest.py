@@ -134,7 +134,7 @@ def kill_once(argv: list[str], landed) -> dict:
     out = Path(argv[argv.index("--output-dir") + 1])
     command = [sys.executable, "-m", "experiments.cli", *argv]
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
-    deadline = time.time() + 300  # catches a hang only
+    deadline = time.time() + 600  # catches a hang only
     while not landed(out) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     running = process.poll() is None
