@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -146,3 +148,13 @@ def kill_once(argv: list[str], landed) -> dict:
         "training": saved_steps(out / "checkpoints"),
         "searched": (out / "search.json").exists(),
     }
+
+
+def run_npas(argv: list[str]) -> tuple[int, str, str]:
+    """`npas` on `argv` in this process: exit code, stdout, stderr."""
+    from experiments.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import run_files, subprocess_env
+from conftest import run_npas as run
 
 import archs
 from experiments import augment
@@ -34,14 +35,6 @@ from superweights.plan import Plan
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48", "--batch-size", "32"]
 TINY_EPOCHS = 2
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    """`main(argv)` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """Training on an image folder (ImageNet's layout) from the command line: a run, a run
 killed mid-epoch and resumed, and the refusals of bad folders."""
 
-import contextlib
-import io
 import json
 import shutil
 
 import pytest
 from conftest import kill_once, run_files, saved_steps
+from conftest import run_npas as run
 
 from experiments.cli import main
 from experiments.imagefolder import write_image_folder
@@ -32,13 +31,6 @@ def folder_argv(root, *extra: str) -> list[str]:
         "--search-epochs", "1", "--unshare-epoch", "1", "--checkpoint-steps", "2",
         "--workers", "2", "--quiet", *extra,
     ]  # fmt: skip
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
