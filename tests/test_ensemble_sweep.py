@@ -21,7 +21,8 @@ MEMBERS = "wrn-16-1,wrn-10-1"
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("ensembles")
     lines: list[str] = []
-    config = EnsembleSweep(TINY, (("depths", MEMBERS),), budgets=("83%",), seeds=(0, 1))
+    # one seed: the spread over seeds is checked on results made by hand below
+    config = EnsembleSweep(TINY, (("depths", MEMBERS),), budgets=("83%",), seeds=(0,))
     results = ensemble_sweep.run_ensemble_sweep(config, out, log=lines.append)
     return results, out, lines
 
@@ -30,12 +31,7 @@ def test_every_arm_and_seed_is_one_row(sweep):
     results, out, _ = sweep
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [(r["arm"], r["seed"]) for r in rows] == [
-        (FULL, "0"),
-        ("83%", "0"),
-        (FULL, "1"),
-        ("83%", "1"),
-    ]
+    assert [(r["arm"], r["seed"]) for r in rows] == [(FULL, "0"), ("83%", "0")]
     for row, result in zip(rows, results, strict=True):
         assert int(row["trainable_params"]) == result.trainable_params
         assert 0 <= result.accuracy <= 1 and result.nll > 0 and 0 <= result.diversity <= 1
@@ -46,7 +42,6 @@ def test_every_arm_and_seed_is_one_row(sweep):
 def test_the_superweight_arm_is_within_its_share_of_the_full_ensemble(sweep):
     results, _, _ = sweep
     full = {r.seed: r.trainable_params for r in results if r.arm == FULL}
-    assert len(set(full.values())) == 1  # the same dense members every seed
     for r in results:
         if r.arm == "83%":
             assert r.trainable_params <= int(0.83 * full[r.seed])
@@ -59,10 +54,10 @@ def test_the_table_and_figure_are_written(sweep):
     results, out, lines = sweep
     table = (out / "results.md").read_text()
     assert table.startswith("| ensemble | arm | seeds | params | % of full | accuracy | NLL |")
-    assert "| depths (wrn-16-1,wrn-10-1) | full ensemble | 2 |" in table
-    assert "| depths (wrn-16-1,wrn-10-1) | SuperWeights 83% | 2 |" in table
+    assert "| depths (wrn-16-1,wrn-10-1) | full ensemble | 1 |" in table
+    assert "| depths (wrn-16-1,wrn-10-1) | SuperWeights 83% | 1 |" in table
     assert (out / "ensembles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert lines[0].startswith("[1/4] depths")
+    assert lines[0].startswith("[1/2] depths")
     assert lines[-1] == markdown_table(results)
 
 

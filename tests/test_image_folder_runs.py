@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 def folder_argv(root, *extra: str) -> list[str]:
     return [
         "train", "--dataset", "image_folder", "--data-dir", str(root), "--image-size", "16",
-        "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", str(BATCH), "--epochs", "3",
+        "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", str(BATCH), "--epochs", "2",
         "--search-epochs", "1", "--unshare-epoch", "1", "--checkpoint-steps", "2",
         "--workers", "2", "--quiet", *extra,
     ]  # fmt: skip
@@ -46,9 +46,9 @@ def test_a_run_on_an_image_folder_reads_its_classes_and_splits(uninterrupted):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "image_folder"
     assert 0.0 <= summary["test_accuracy"] <= 1.0
-    assert "training on image_folder: 48 train / 12 test images, 3 epochs" in stdout
+    assert "training on image_folder: 48 train / 12 test images, 2 epochs" in stdout
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["epoch"] for e in epochs] == [1, 2]
     for epoch in epochs:  # the time waiting for input is split from the steps' time
         assert epoch["input_seconds"] >= 0 and epoch["step_seconds"] > 0
     plan = json.loads((out / "plan.json").read_text())
@@ -64,7 +64,7 @@ def test_a_run_killed_mid_epoch_resumes_on_the_next_batch_and_ends_the_same(
     seen = kill_once(argv, lambda out: max(saved_steps(out / "checkpoints"), default=0) >= 8)
     assert seen["running"] and seen["searched"], seen
     killed_at = max(seen["training"])
-    assert 8 <= killed_at < 3 * STEPS and killed_at % STEPS, seen  # inside an epoch
+    assert 8 <= killed_at < 2 * STEPS and killed_at % STEPS, seen  # inside an epoch
     assert main(argv) == 0
     assert f"resuming training from step {killed_at} " in capsys.readouterr().out
     assert run_files(tmp_path) == run_files(uninterrupted[0])
