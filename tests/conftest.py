@@ -158,3 +158,25 @@ def run_npas(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
+
+
+SHARED_RUNS = {
+    "sweep",
+    "uninterrupted",
+    "budgeted_run",
+    "dense_run",
+    "npas_run",
+    "split_run",
+    "searches",
+}
+"""Module-scoped fixtures that train: every test using one of a module's runs is kept on one
+xdist worker (`--dist loadgroup`), so that the run is made once, not once per worker."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    del config
+    for item in items:
+        shared = SHARED_RUNS.intersection(getattr(item, "fixturenames", ()))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
