@@ -12,24 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-# The tests' models are tiny: compiling them costs more than running them, so XLA's CPU
-# backend skips its slower optimisations here (a third off the suite's compile time). Set
-# before jax starts its backend; children get the same flags (`subprocess_env`).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen, nnx
 
-
-def with_test_flags(flags: str) -> str:
-    return flags if TEST_XLA_FLAGS in flags else f"{flags} {TEST_XLA_FLAGS}".strip()
-
-
-os.environ["XLA_FLAGS"] = with_test_flags(os.environ.get("XLA_FLAGS", ""))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
-from flax import linen, nnx  # noqa: E402
-
-from superweights import LayerSpec, ParamSpec  # noqa: E402
+from superweights import LayerSpec, ParamSpec
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILATION_CACHE = str(REPO / ".jax_cache")
@@ -45,7 +33,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONUNBUFFERED": "1",
         **extra,
-        "XLA_FLAGS": with_test_flags(extra.get("XLA_FLAGS", os.environ["XLA_FLAGS"])),
     }
 
 
