@@ -230,10 +230,14 @@ class Checkpoints:
     def save(self, state, position: Position, extra: dict | None = None) -> int:
         """Writes `state` at its step with the position and `extra` JSON; returns the step.
 
+        A checkpoint already at the step is replaced: a stop on an epoch's last
+        batch saves there, and the resumed run saves the epoch's end there again.
         Raises `CheckpointError` if the write fails (disk full, say): what it
         left half-written is removed and the earlier checkpoints are untouched.
         """
         step = int(state.step)
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
         meta = {**dataclasses.asdict(position), **(extra or {})}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_storable(state)), meta=ocp.args.JsonSave(meta)

@@ -59,35 +59,39 @@ def leaves_equal(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
-@pytest.mark.parametrize("fraction", [0.8, 0.05], ids=["full-size", "sub-layer"])
+@pytest.mark.parametrize(
+    ("fraction", "stop", "position"),
+    [(0.8, 6, (2, 2)), (0.05, 4, (1, 4))],  # 4 steps an epoch: mid-epoch 2, end of epoch 1
+    ids=["full-size-mid-epoch", "sub-layer-last-batch"],
+)
 def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
-    digits, fraction, tmp_path
+    digits, fraction, stop, position, tmp_path
 ):
     model = wrn10(fraction)
     assert model.plan.sublayer == (fraction < 0.5)
     reference, reference_metrics = train(model, digits, LOOP, OPTIM, progress=False)
 
     checkpoints = Checkpoints(tmp_path / "ckpt")
-    with pytest.raises(Interrupted, match="step 6"):
+    with pytest.raises(Interrupted, match=f"step {stop}"):
         train(
             model,
             digits,
             LOOP,
             OPTIM,
             progress=False,
-            saving=Saving(checkpoints, should_stop=stop_after(6)),
-        )  # mid-epoch 2
-    state, position, _ = checkpoints.restore_latest(
+            saving=Saving(checkpoints, should_stop=stop_after(stop)),
+        )
+    state, saved_at, _ = checkpoints.restore_latest(
         lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
     )
-    assert int(state.step) == 6 and (position.epoch, position.batches_done) == (2, 2)
+    assert int(state.step) == stop and (saved_at.epoch, saved_at.batches_done) == position
     resumed, metrics = train(
         model,
         digits,
         LOOP,
         OPTIM,
         progress=False,
-        phase=Phase(resume=(state, position)),
+        phase=Phase(resume=(state, saved_at)),
         saving=Saving(checkpoints),
     )
 
@@ -142,109 +146,6 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(digits, model,
         lambda meta: abstract_train_state(model, digits, LOOP, OPTIM)
     )
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(state.params))
-
-
-def npas_command(out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "experiments.cli",
-        "train",
-        "--quiet",
-        "--arch",
-        "wrn-10-1",
-        "--budget",
-        "80%",
-        "--train-size",
-        "512",
-        "--test-size",
-        "64",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "4",
-        "--search-epochs",
-        "1",
-        "--output-dir",
-        str(out),
-    ]
-
-
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_result(tmp_path):
-    env = subprocess_env()
-    subprocess.run(
-        npas_command(tmp_path / "whole"), check=True, cwd=REPO, env=env, capture_output=True
-    )
-    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
-
-    out = tmp_path / "stopped"
-    process = subprocess.Popen(
-        npas_command(out),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 600  # catches a hang only
-    while not any((out / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
-        time.sleep(0.2)  # the final model has finished an epoch
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=600)
-    if process.returncode == 0:
-        pytest.fail("the run finished before the signal reached it; give it more epochs")
-    assert process.returncode == 130, stderr
-    assert "run the same command again to resume" in stderr
-    assert not (out / "summary.json").exists()
-
-    resumed = subprocess.run(npas_command(out), cwd=REPO, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming training from step" in resumed.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
-        assert summary[key] == whole[key], key
-    epochs = [
-        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == list(range(1, 5))
-
-
-def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(tmp_path, monkeypatch):
-    from contextlib import contextmanager
-
-    from experiments import cli, run
-
-    argv = npas_command(tmp_path / "x")[3:-2]  # "train" and its options, no output dir
-    whole = run.run_training(
-        cli.config_from_args(cli.parse_args([*argv, "--output-dir", str(tmp_path / "whole")])),
-        progress=False,
-        log=lambda _: None,
-    )
-
-    out = tmp_path / "stopped"
-    config = cli.config_from_args(cli.parse_args([*argv, "--output-dir", str(out)]))
-
-    @contextmanager
-    def stop_in_the_search_phase():
-        # A stop is asked for twice before the first step (before and after loading the
-        # data), then once a step: the 12th call is at step 10 of the search phase's 16
-        # (1 epoch of 512 / 32).
-        yield stop_after(12)
-
-    monkeypatch.setattr(run, "stop_requests", stop_in_the_search_phase)
-    with pytest.raises(Interrupted, match="step 10"):
-        run.run_training(config, progress=False, log=lambda _: None)
-    assert Checkpoints(out / "search_checkpoints").steps() == [10]
-    assert not Checkpoints(out / "checkpoints").steps()
-    monkeypatch.undo()
-
-    lines = []
-    resumed = run.run_training(config, progress=False, log=lines.append)
-    assert any(line.startswith("resuming the search phase from step 10") for line in lines)
-    for key in ("test_accuracy", "train_loss", "trainable_params", "clusters", "tau"):
-        assert resumed[key] == whole[key], key
-    search = json.loads((out / "search.json").read_text())
-    assert search == json.loads((tmp_path / "whole" / "search.json").read_text())
 
 
 def test_checkpoints_every_n_steps_land_mid_epoch_and_resume_exactly(digits, model, tmp_path):
@@ -390,11 +291,12 @@ save every 2 steps."""
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The files of a KILLED run left alone, and its search.json."""
     from experiments.cli import main
 
     out = tmp_path_factory.mktemp("whole")
     assert main([*KILLED, "--output-dir", str(out)]) == 0
-    return run_files(out)
+    return run_files(out), json.loads((out / "search.json").read_text())
 
 
 def test_a_run_killed_in_the_search_phase_resumes_there_and_ends_the_same(
@@ -411,7 +313,7 @@ def test_a_run_killed_in_the_search_phase_resumes_there_and_ends_the_same(
     assert main(argv) == 0
     resumed = f"resuming the search phase from step {max(seen['search'])} "
     assert resumed in capsys.readouterr().out
-    assert run_files(tmp_path) == uninterrupted
+    assert run_files(tmp_path) == uninterrupted[0]
 
 
 def test_a_run_killed_in_the_final_training_resumes_there_and_ends_the_same(
@@ -428,4 +330,67 @@ def test_a_run_killed_in_the_final_training_resumes_there_and_ends_the_same(
     assert main(argv) == 0
     resumed = f"resuming training from step {max(seen['training'])} "
     assert resumed in capsys.readouterr().out
-    assert run_files(tmp_path) == uninterrupted
+    assert run_files(tmp_path) == uninterrupted[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_result(
+    tmp_path, uninterrupted, capsys
+):
+    from experiments.cli import main
+
+    argv = [*KILLED, "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *argv],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600  # catches a hang only
+    while not saved_steps(tmp_path / "checkpoints") and time.time() < deadline:
+        time.sleep(0.01)  # the final training saved step 2; the unsharing at step 3 is ahead
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    if process.returncode == 0:
+        pytest.fail("the run finished before the signal reached it; give it more epochs")
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    assert not (tmp_path / "summary.json").exists()
+    stopped = max(saved_steps(tmp_path / "checkpoints"))
+    assert 2 <= stopped < 12, stopped
+
+    assert main(argv) == 0
+    assert f"resuming training from step {stopped} " in capsys.readouterr().out
+    assert run_files(tmp_path) == uninterrupted[0]
+
+
+def test_a_run_stopped_in_the_search_phase_resumes_there_and_ends_the_same(
+    tmp_path, uninterrupted, monkeypatch
+):
+    from contextlib import contextmanager
+
+    from experiments import cli, run
+
+    config = cli.config_from_args(cli.parse_args([*KILLED, "--output-dir", str(tmp_path)]))
+
+    @contextmanager
+    def stop_in_the_search_phase():
+        # A stop is asked for twice before the first step (before and after loading the
+        # data), then once a step: the 5th call is at step 3 of the search phase's 6.
+        yield stop_after(5)
+
+    monkeypatch.setattr(run, "stop_requests", stop_in_the_search_phase)
+    with pytest.raises(Interrupted, match="step 3"):
+        run.run_training(config, progress=False, log=lambda _: None)
+    assert Checkpoints(tmp_path / "search_checkpoints").steps()[-1] == 3
+    assert not Checkpoints(tmp_path / "checkpoints").steps()
+    assert not (tmp_path / "search.json").exists()
+    monkeypatch.undo()
+
+    lines = []
+    run.run_training(config, progress=False, log=lines.append)
+    assert any(line.startswith("resuming the search phase from step 3") for line in lines)
+    files, search = uninterrupted
+    assert run_files(tmp_path) == files
+    assert json.loads((tmp_path / "search.json").read_text()) == search
