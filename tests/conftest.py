@@ -168,6 +168,7 @@ SHARED_RUNS = {
     "npas_run",
     "split_run",
     "searches",
+    "host_devices",
 }
 """Module-scoped fixtures that train: every test using one of a module's runs is kept on one
 xdist worker (`--dist loadgroup`), so that the run is made once, not once per worker."""

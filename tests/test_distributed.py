@@ -21,40 +21,49 @@ from experiments.models import build_budgeted, create_members
 from experiments.train import LoopConfig, OptimConfig, train
 from superweights import Budget
 
-batch = int(sys.argv[1])
 digits = subset(load_digits(), 128, 64)
 modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
 model = build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
-losses = []
-try:
-    state, metrics = train(model, digits, LoopConfig(epochs=2, batch_size=batch,
-                           eval_batch_size=64), OptimConfig(), progress=False,
-                           on_epoch=lambda m: losses.append(m["train_loss"]))
-except ValueError as error:
-    print(json.dumps({"error": str(error)}))
-    raise SystemExit(0)
-template = state.params["bank"]["templates"]["c0_l0"]
-print(json.dumps({"devices": jax.device_count(), "losses": losses,
-                  "accuracy": metrics["test_accuracy"],
-                  "replicated_on": len(template.sharding.device_set)}))
+for batch in map(int, sys.argv[1:]):
+    losses = []
+    try:
+        state, metrics = train(model, digits, LoopConfig(epochs=2, batch_size=batch,
+                               eval_batch_size=64), OptimConfig(), progress=False,
+                               on_epoch=lambda m: losses.append(m["train_loss"]))
+    except ValueError as error:
+        print(json.dumps({"error": str(error)}))
+        continue
+    template = state.params["bank"]["templates"]["c0_l0"]
+    print(json.dumps({"devices": jax.device_count(), "losses": losses,
+                      "accuracy": metrics["test_accuracy"],
+                      "replicated_on": len(template.sharding.device_set)}))
 """
 
 
-def run_on(devices: int, batch: int = 32) -> dict:
+def run_on(devices: int, *batches: int) -> list[dict]:
+    """One line of results for each batch size, trained in one process on `devices`."""
     env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(batch)],
+        [sys.executable, "-c", SCRIPT, *map(str, batches)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-len(batches) :]]
 
 
-def test_two_host_devices_train_like_one():
-    one, two = run_on(1), run_on(2)
+@pytest.fixture(scope="module")
+def host_devices() -> dict:
+    """Batch 32 on one device; batches 32 and 31 on two."""
+    (one,) = run_on(1, 32)
+    two, uneven = run_on(2, 32, 31)
+    return {"one": one, "two": two, "uneven": uneven}
+
+
+def test_two_host_devices_train_like_one(host_devices):
+    one, two = host_devices["one"], host_devices["two"]
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["replicated_on"] == 2
     # float32: two devices sum the batch's gradients in another order (seen: 1.4e-5 relative
@@ -63,8 +72,8 @@ def test_two_host_devices_train_like_one():
     assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1 / 64)
 
 
-def test_a_batch_that_does_not_divide_over_the_devices_is_refused():
-    assert "does not divide over 2 devices" in run_on(2, batch=31)["error"]
+def test_a_batch_that_does_not_divide_over_the_devices_is_refused(host_devices):
+    assert "does not divide over 2 devices" in host_devices["uneven"]["error"]
 
 
 def test_one_process_needs_no_distributed_start(monkeypatch):
@@ -106,7 +115,7 @@ def npas_train(folder: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "experiments.cli", "train", "--quiet",
         "--dataset", "image_folder", "--data-dir", str(folder), "--image-size", "16",
-        "--workers", "1", "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", "16",
+        "--workers", "0", "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", "16",
         "--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "1",
         "--output-dir", str(out), *extra,
     ]  # fmt: skip
