@@ -217,6 +217,12 @@ def _never() -> bool:
     return False
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True where every entry of every leaf of `tree` is finite (one compiled check)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Saving:
     """Where and when the train loop saves its state, and when it is asked to stop.
@@ -252,8 +258,7 @@ class Saving:
         """Saves `state` (and the model's plan), refusing non-finite params."""
         if self.checkpoints is None:
             return
-        finite = jax.tree_util.tree_map(lambda x: bool(jnp.isfinite(x).all()), state.params)
-        if not all(jax.tree_util.tree_leaves(finite)):
+        if not bool(all_finite(state.params)):
             raise FloatingPointError(
                 f"parameters became NaN or infinite by step {int(state.step)}; not saved, "
                 f"the last good checkpoint is kept in {self.checkpoints.directory}"
@@ -339,7 +344,8 @@ def train(
     distributed.check_batch(loop.batch_size, mesh)
     distributed.check_batch(loop.eval_batch_size, mesh, "eval batch size")
     optimizer, train_step, eval_step = compile_steps(model, params)
-    state = TrainState(jnp.array(0), params, model_state, optimizer.init(params), train_key)
+    opt_state = jax.jit(optimizer.init)(params)  # one compiled call, not one per leaf
+    state = TrainState(jnp.array(0), params, model_state, opt_state, train_key)
     position = None
     if phase.resume is not None:
         state, position = phase.resume

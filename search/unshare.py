@@ -10,6 +10,7 @@ that every split-off group starts from a real copy of its source row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,6 +246,12 @@ def layer_coefficient_gradients(
     weights do not change) and the gradient is pulled back through `compose`
     to each copy. Layers missing from `weight_grads` count as zero gradient.
     """
+    return jax.jit(functools.partial(_layer_coefficient_gradients, plan))(bank, weight_grads)
+
+
+def _layer_coefficient_gradients(
+    plan: Plan, bank: Mapping[str, Any], weight_grads: Mapping[str, Any]
+) -> dict[LevelKey, jax.Array]:
     untied = _with_coefficients(plan, own_coefficients(plan.clusters, plan.layers))
     untied_bank = dict(bank)
     untied_bank["coefficients"] = expand_coefficients(plan, untied, bank["coefficients"])
