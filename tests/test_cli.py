@@ -548,15 +548,6 @@ def test_the_default_search_phase_is_three_epochs_or_the_whole_run_if_shorter(ar
     assert config.search.search_epochs == search_epochs
 
 
-def test_a_budgeted_run_checkpoints_every_n_epochs(tmp_path):
-    out = tmp_path / "run"
-    argv = ["train", *TINY, "--budget", "80%", "--epochs", "4", "--search-epochs", "1"]
-    code, _, stderr = run([*argv, "--checkpoint-every", "2", "--quiet", "--output-dir", str(out)])
-    assert code == 0, stderr
-    assert Checkpoints(out / "checkpoints").steps() == [6, 12]  # 3 steps an epoch
-    assert Checkpoints(out / "search_checkpoints").steps() == [3]  # its end
-
-
 def test_resuming_with_other_settings_is_refused_but_not_with_other_saving(dense_run, tmp_path):
     *_, first, argv = dense_run
     out = tmp_path / "again"
@@ -644,16 +635,18 @@ def test_search_summary_says_why_thresholds_were_refused():
 
 
 def test_a_run_resumed_after_unsharing_keeps_the_record_and_ends_the_same(tmp_path):
-    """Killed at the epoch boundary after unsharing: the resumed run's files equal the whole's."""
-    argv = ["train", *TINY, "--budget", "80%", "--epochs", "3", "--search-epochs", "1"]
-    argv += ["--unshare-epoch", "1", "--quiet"]
+    """Saved every 2 epochs and killed at the epoch boundary after unsharing: the resumed
+    run's files equal the whole's."""
+    argv = ["train", *TINY, "--budget", "80%", "--epochs", "4", "--search-epochs", "1"]
+    argv += ["--unshare-epoch", "1", "--checkpoint-every", "2", "--quiet"]
     whole = tmp_path / "whole"
     code, _, stderr = run([*argv, "--output-dir", str(whole)])
     assert code == 0, stderr
+    assert Checkpoints(whole / "checkpoints").steps() == [6, 12]  # 3 steps an epoch
+    assert Checkpoints(whole / "search_checkpoints").steps() == [3]  # its end
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
-    last = max(Checkpoints(resumed / "checkpoints").steps())
-    shutil.rmtree(resumed / "checkpoints" / str(last))  # as if killed before the last epoch's save
+    shutil.rmtree(resumed / "checkpoints" / "12")  # as if killed before the last epoch's save
     for name in ("summary.json", "metrics.csv"):
         (resumed / name).unlink()
     code, stdout, stderr = run([*argv, "--output-dir", str(resumed)])

@@ -36,7 +36,7 @@ def test_the_smoke_mode_runs_every_check_on_the_cpu_and_exits_0():
     assert "images/s, compile" in out and "memory ratio" in out
     assert "budget 10.00%: first-step loss float32 " in out
     assert "composition at budget 10.00%: forward " in out
-    assert "4 x wrn-10-1 at 50% (one bank), batch 8: vmap " in out
+    assert "2 x wrn-10-1 at 50% (one bank), batch 8: vmap " in out
     assert "wrn-10-1 at 10% (bfloat16), 128 CIFAR-shaped images: train loss by epoch" in out
     assert re.search(r"\ndevice check: 4 of 4 checks passed in \d+ s$", out.rstrip())
 

@@ -95,6 +95,7 @@ SMOKE = CheckConfig(
     rounds=1,
     steps=1,
     ensemble_arch="wrn-10-1",
+    ensemble_members=2,
     ensemble_budget="50%",
     train_arch="wrn-10-1",
     train_images=128,
