@@ -33,7 +33,10 @@ from superweights.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48", "--batch-size", "32"]
-TINY_EPOCHS = 2
+TINY_EPOCHS = 4
+BUDGETED = ["--budget", "80%", "--epochs", str(TINY_EPOCHS), "--search-epochs", "2"]
+BUDGETED += ["--unshare-epoch", "1", "--checkpoint-every", "2"]
+"""test_checkpoint's killed run's settings (it saves every 2 steps): the two share programs."""
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,9 @@ def wrn10_minimum() -> int:
 @pytest.fixture(scope="module")
 def budgeted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("budgeted")
-    argv = ["train", *TINY, "--budget", "80%", "--epochs", str(TINY_EPOCHS), "--quiet"]
+    argv = ["train", *TINY, *BUDGETED, "--quiet"]
     code, stdout, stderr = run([*argv, "--output-dir", str(out)])
-    return code, stdout, stderr, out
+    return code, stdout, stderr, out, argv
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def test_the_default_job_is_feasible(capsys):
 
 
 def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
-    code, stdout, stderr, out = budgeted_run
+    code, stdout, stderr, out, _ = budgeted_run
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
         ".npas-lock",
@@ -186,7 +189,7 @@ def test_train_writes_config_plan_report_metrics_and_summary(budgeted_run):
     assert summary["epoch"] == TINY_EPOCHS
 
     assert "wrn-10-1 at budget 80.00% (banks scope)" in stdout
-    assert "training on digits: 96 train / 48 test images, 2 epochs" in stdout
+    assert "training on digits: 96 train / 48 test images, 4 epochs" in stdout
     assert f"final test accuracy: {summary['test_accuracy']:.2%}" in stdout
 
 
@@ -634,16 +637,12 @@ def test_search_summary_says_why_thresholds_were_refused():
     assert "1,152 parameters, over the budget of 600 (banks scope)" in text
 
 
-def test_a_run_resumed_after_unsharing_keeps_the_record_and_ends_the_same(tmp_path):
+def test_a_run_resumed_after_unsharing_keeps_the_record_and_ends_the_same(budgeted_run, tmp_path):
     """Saved every 2 epochs and killed at the epoch boundary after unsharing: the resumed
     run's files equal the whole's."""
-    argv = ["train", *TINY, "--budget", "80%", "--epochs", "4", "--search-epochs", "1"]
-    argv += ["--unshare-epoch", "1", "--checkpoint-every", "2", "--quiet"]
-    whole = tmp_path / "whole"
-    code, _, stderr = run([*argv, "--output-dir", str(whole)])
-    assert code == 0, stderr
+    *_, whole, argv = budgeted_run
     assert Checkpoints(whole / "checkpoints").steps() == [6, 12]  # 3 steps an epoch
-    assert Checkpoints(whole / "search_checkpoints").steps() == [3]  # its end
+    assert Checkpoints(whole / "search_checkpoints").steps() == [6]  # its end
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "12")  # as if killed before the last epoch's save

@@ -31,6 +31,8 @@ def folder_argv(root, *extra: str) -> list[str]:
         "--search-epochs", "1", "--unshare-epoch", "1", "--checkpoint-steps", "2",
         "--workers", "1", "--quiet", *extra,
     ]  # fmt: skip
+
+
 """One worker process: the runs read through one, and the pipeline's tests resume two."""
 
 

@@ -315,14 +315,16 @@ def test_members_of_one_architecture_run_vmapped_with_the_outputs_of_a_loop():
         return dataclasses.replace(member, apply_fn=apply_fn)
 
     counted = [counting(m) for m in model.members]
-    logits, new_state = apply_members(counted, member_params, state, x, True, vectorize=True)
+    logits, new_state = jax.jit(lambda p, s: apply_members(counted, p, s, x, True, vectorize=True))(
+        member_params, state
+    )
     assert sorted(traced) == ["a", "wide"]  # one call for the three equals, under vmap
     traced.clear()
-    apply_members(counted, member_params, state, x, True, vectorize=False)
+    jax.eval_shape(lambda: apply_members(counted, member_params, state, x, True, vectorize=False))
     assert sorted(traced) == ["a", "b", "c", "wide"]
     for member in model.members:
-        alone, alone_state = member.apply_fn(
-            member_params[member.name], state[member.name], x, True
+        alone, alone_state = jax.jit(lambda p, s, m=member: m.apply_fn(p, s, x, True))(
+            member_params[member.name], state[member.name]
         )
         np.testing.assert_allclose(logits[member.name], alone, atol=1e-5)
         for got, want in zip(
