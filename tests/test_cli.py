@@ -472,29 +472,13 @@ def test_budgeted_digits_model_learns_and_keeps_up_with_the_dense_one(tmp_path):
 
 def test_an_ensemble_is_set_beside_the_fully_parameterized_one(tmp_path):
     out = tmp_path / "ensemble"
+    # test_ensemble_sweep's two arms, so that the two modules share compiled programs
     argv = [
-        "train",
-        "--quiet",
-        "--arch",
-        "wrn-10-1,wrn-16-1",
-        "--scope",
-        "model",
-        "--budget",
-        "83%",
-        "--train-size",
-        "96",
-        "--test-size",
-        "48",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "1",
-        "--search-epochs",
-        "1",
-        "--compare-dense",
-        "--output-dir",
-        str(out),
-    ]
+        "train", "--quiet", "--preset", "digits-ensemble", "--arch", "wrn-16-1,wrn-10-1",
+        "--budget", "83%", "--train-size", "128", "--test-size", "64", "--batch-size", "32",
+        "--epochs", "2", "--search-epochs", "1", "--gradient-batches", "2",
+        "--unshare-epoch", "1", "--compare-dense", "--output-dir", str(out),
+    ]  # fmt: skip
     code, stdout, stderr = run(argv)
     assert code == 0, stderr
     budgeted = json.loads((out / "summary.json").read_text())

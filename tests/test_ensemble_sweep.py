@@ -12,8 +12,9 @@ TINY = presets.with_overrides(
     train_size=128,
     test_size=64,
     loop={"epochs": 2, "batch_size": 32},
-    search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 1, "unshare_batches": 2},
+    search={"search_epochs": 1, "gradient_batches": 2, "unshare_epoch": 1},
 )
+"""test_cli's ensemble beside the full one is this sweep's two arms: they share programs."""
 MEMBERS = "wrn-16-1,wrn-10-1"
 
 
