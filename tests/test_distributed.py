@@ -27,7 +27,7 @@ model = build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
 for batch in map(int, sys.argv[1:]):
     losses = []
     try:
-        state, metrics = train(model, digits, LoopConfig(epochs=2, batch_size=batch,
+        state, metrics = train(model, digits, LoopConfig(epochs=3, batch_size=batch,
                                eval_batch_size=64), OptimConfig(), progress=False,
                                on_epoch=lambda m: losses.append(m["train_loss"]))
     except ValueError as error:
@@ -41,7 +41,10 @@ for batch in map(int, sys.argv[1:]):
 
 
 def run_on(devices: int, *batches: int) -> list[dict]:
-    """One line of results for each batch size, trained in one process on `devices`."""
+    """One line of results for each batch size, trained in one process on `devices`.
+
+    The model, data and loop are test_checkpoint's, whose single-device programs they share.
+    """
     env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, *map(str, batches)],
