@@ -348,7 +348,8 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_to_the_same_res
         text=True,
     )
     deadline = time.time() + 600  # catches a hang only
-    while not saved_steps(tmp_path / "checkpoints") and time.time() < deadline:
+    while not saved_steps(tmp_path / "checkpoints") and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint in 600 s"
         time.sleep(0.01)  # the final training saved step 2; the unsharing at step 3 is ahead
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=600)

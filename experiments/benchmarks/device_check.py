@@ -48,7 +48,7 @@ from experiments.benchmarks.train_step import (
 )
 from experiments.data import Dataset
 from experiments.models import build_budgeted, create_members
-from experiments.train import LoopConfig, OptimConfig, make_eval_step, train
+from experiments.train import LoopConfig, OptimConfig, all_finite, make_eval_step, train
 from superweights import Budget, compose_kernels
 
 
@@ -228,7 +228,7 @@ def check_composition(config: CheckConfig, results: dict, deadline: Deadline) ->
             return sum(jnp.sum(w.astype(jnp.float32)) for w in leaves)
 
         gradient = jax.jit(jax.grad(total))
-        if not all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(gradient(bank))):
+        if not bool(all_finite(gradient(bank))):
             raise CheckFailed(f"composition at {name}: gradients that are not finite")
         forward, both = median_seconds(jax.jit(composed), bank), median_seconds(gradient, bank)
         shares = ", ".join(
