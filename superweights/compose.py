@@ -42,11 +42,23 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dic
     should have; `bank_scales`), with the root mean square of the bank's
     scales, each group's row then scaled to its own: every composed kernel
     starts at its layer's own initialiser scale.
+
+    Every bank's random values are slices of one normal draw, so that the
+    program has one random-number generator however many banks the plan has
+    (each generator costs XLA a fraction of a second to compile).
     """
+    shapes = [shape for spec in plan.banks for shape in _noise_shapes(spec)]
+    sizes = [math.prod(shape) for shape in shapes]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    starts = [int(start) for start in np.cumsum([0, *sizes])]
+    draws = iter(
+        noise[start : start + size].reshape(shape)
+        for start, size, shape in zip(starts, sizes, shapes, strict=False)
+    )
     bank = {"templates": {}, "partial": {}, "coefficients": {}}
-    keys = jax.random.split(key, (len(plan.banks), 3))
-    for spec, (k_templates, k_partial, k_coefficients) in zip(plan.banks, keys, strict=True):
-        rows = _coefficient_rows(spec, k_coefficients)
+    for spec in plan.banks:
+        templates, partial = next(draws), next(draws)
+        rows = _coefficient_rows(spec, next(draws))
         if scales is None:
             std = math.sqrt(2.0 / spec.fan_in)
         else:
@@ -54,13 +66,20 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dic
             std = jnp.sqrt(jnp.mean(jnp.square(wanted)))
             ratio = wanted / std
             rows = rows * ratio.reshape(ratio.shape + (1,) * (rows.ndim - 1))
-        shape = (spec.templates, spec.size)
-        bank["templates"][spec.key] = (std * jax.random.normal(k_templates, shape)).astype(dtype)
+        bank["templates"][spec.key] = (std * templates).astype(dtype)
         if spec.partial:
-            partial = std * jax.random.normal(k_partial, (spec.partial,))
-            bank["partial"][spec.key] = partial.astype(dtype)
+            bank["partial"][spec.key] = (std * partial).astype(dtype)
         bank["coefficients"][spec.key] = rows.astype(dtype)
     return bank
+
+
+def _noise_shapes(spec: BankSpec) -> tuple[tuple[int, ...], ...]:
+    """The normal draws a bank is made from: templates, partial template, coefficient rows
+    (`[blocks, groups, templates]` below full size, one orthogonal set per block)."""
+    rows = (len(spec.groups), spec.num_templates)
+    if spec.sublayer:
+        rows = (spec.blocks, *rows)
+    return (spec.templates, spec.size), (spec.partial,), rows
 
 
 def kernel_scale(kernel) -> float | None:
@@ -130,16 +149,20 @@ def check_bank(plan: Plan, bank) -> None:
             raise ValueError(f"bank entry {part}/{extra[0]} is not in the plan; {advice}")
 
 
-def _coefficient_rows(spec: BankSpec, key: jax.Array) -> jax.Array:
-    """Unit-norm coefficient vectors, orthogonal across groups (per block below full size)."""
-    groups, templates = len(spec.groups), spec.num_templates
-    orthogonal = jax.nn.initializers.orthogonal()  # in float32: QR has no half-precision kernel
+def _coefficient_rows(spec: BankSpec, noise: jax.Array) -> jax.Array:
+    """Unit-norm coefficient vectors, orthogonal across groups (per block below full size).
+
+    `noise` is standard normal, `[groups, templates]` or `[blocks, groups, templates]`.
+    Its QR decomposition gives the orthogonal set, signs fixed by R's diagonal so that
+    it is uniformly distributed (computed in float32: QR has no half-precision kernel).
+    """
+    wide = noise.shape[-2] < noise.shape[-1]
+    tall = jnp.swapaxes(noise, -1, -2) if wide else noise
+    q, r = jnp.linalg.qr(tall)
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    rows = jnp.swapaxes(q, -1, -2) if wide else q
     if spec.sublayer:
-        keys = jax.random.split(key, spec.blocks)
-        rows = jax.vmap(lambda k: orthogonal(k, (groups, templates), jnp.float32))(keys)
         rows = jnp.swapaxes(rows, 0, 1)  # [groups, blocks, templates]
-    else:
-        rows = orthogonal(key, (groups, templates), jnp.float32)
     return rows / jnp.linalg.norm(rows, axis=-1, keepdims=True)
 
 

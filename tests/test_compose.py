@@ -174,6 +174,11 @@ def test_init_bank_initialises_every_entry():
         np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
         if rows.shape[0] <= rows.shape[1]:
             np.testing.assert_allclose(rows @ rows.T, np.eye(rows.shape[0]), atol=1e-5)
+    # the values are slices of one draw: slices that overlapped would repeat values (a bank's
+    # templates and partial template share one scale, so an overlap repeats them exactly)
+    drawn = [bank[part][key].ravel() for part in ("templates", "partial") for key in bank[part]]
+    drawn = np.concatenate(drawn)
+    assert np.unique(drawn).size == drawn.size
 
 
 def test_init_bank_depends_on_the_key_and_dtype():

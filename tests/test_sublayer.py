@@ -169,6 +169,22 @@ def test_a_piece_is_its_blocks_laid_end_to_end(tight_model):
             np.testing.assert_allclose(pieces(spec, bank)[g], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_each_blocks_coefficient_rows_are_orthogonal_unit_vectors_of_their_own():
+    plan = plan_at("wrn-16-2", Budget(fraction=0.03), sublayer_templates=4)
+    bank = jax.jit(functools.partial(init_bank, plan))(jax.random.key(0))
+    assert any(len(s.groups) <= s.templates for s in plan.banks)  # wide banks, 4 templates
+    for spec in plan.banks:
+        coefficients = np.asarray(bank["coefficients"][spec.key], np.float64)
+        assert coefficients.shape == (len(spec.groups), spec.blocks, spec.templates)
+        np.testing.assert_allclose(np.linalg.norm(coefficients, axis=-1), 1.0, rtol=1e-5)
+        for n in range(spec.blocks):
+            rows = coefficients[:, n]  # [groups, templates]
+            if len(spec.groups) <= spec.templates:
+                np.testing.assert_allclose(rows @ rows.T, np.eye(len(spec.groups)), atol=1e-5)
+        # every block is drawn on its own
+        assert np.unique(coefficients.round(6), axis=1).shape[1] == spec.blocks
+
+
 def test_export_then_plain_apply_gives_the_same_logits(tight_model):
     modules, model, params, state = tight_model
     images = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
