@@ -1,10 +1,7 @@
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
 
 from experiments.benchmarks import device_check
 from experiments.benchmarks.device_check import (
@@ -16,17 +13,10 @@ from experiments.benchmarks.device_check import (
 )
 
 
-def test_the_smoke_mode_runs_every_check_on_the_cpu_and_exits_0():
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmarks.device_check", "--smoke"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = done.stdout
-    assert done.returncode == 0, out + done.stderr
+def test_the_smoke_mode_runs_every_check_on_the_cpu_and_exits_0(capsys):
+    code = main(["--smoke"])  # in this process: the module's entry point is `sys.exit(main())`
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     assert out.startswith("device: 1 x cpu")
     for check in ("benchmark", "composition", "ensemble", "training"):
         assert f"\nPASS {check} (" in out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from conftest import subprocess_env
+from conftest import run_npas, subprocess_env
 
 from experiments import distributed
 from experiments.imagefolder import write_image_folder
@@ -133,11 +133,8 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
         tmp_path / "images", classes=("ant", "bee", "cat", "dog"), train_per_class=12,
         val_per_class=3,
     )  # fmt: skip
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    single = subprocess.run(
-        npas_train(folder, tmp_path / "one"), cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr
+    code, _, stderr = run_npas(npas_train(folder, tmp_path / "one")[3:])  # in this process
+    assert code == 0, stderr
 
     coordinator = f"localhost:{free_port()}"
     two = ("--coordinator", coordinator, "--num-processes", "2")
@@ -145,7 +142,9 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
         subprocess.Popen(
             npas_train(folder, tmp_path / "two", *two),
             cwd=REPO,
-            env={**env, "NPAS_PROCESS_ID": str(index)},
+            env=subprocess_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=1", NPAS_PROCESS_ID=str(index)
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
