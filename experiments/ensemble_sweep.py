@@ -343,7 +343,8 @@ def ensembles_figure(results: Sequence[Result], path: str | Path) -> Path:
         ax.set_xlabel("parameters (% of the fully-parameterized ensemble)")
         ax.set_title(titles[metric])
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # no line yet while the first arms run
+        axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import statistics
+import warnings
 
 import pytest
 
@@ -91,6 +92,15 @@ def test_the_table_gives_mean_and_sample_spread():
     spread = statistics.stdev([0.9, 0.8, 0.7])
     assert f"| 80.00 ± {100 * spread:.2f} |" in table
     assert "| SuperWeights 60% | 1 | 60 | 60.0% | 85.00 |" in table
+
+
+def test_the_figure_of_the_full_arm_alone_is_drawn_without_a_legend_warning(tmp_path):
+    # the sweep rewrites its figure after every run, the first time with no budgeted arm yet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensemble_sweep.write_results([result(FULL, 0, 0.9)], tmp_path)
+        ensemble_sweep.write_results([result(FULL, 0, 0.9), result("60%", 0, 0.85, 60)], tmp_path)
+    assert (tmp_path / "ensembles.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_config_sets_the_arm_and_keeps_the_recipe():
