@@ -50,10 +50,10 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dic
     shapes = [shape for spec in plan.banks for shape in _noise_shapes(spec)]
     sizes = [math.prod(shape) for shape in shapes]
     noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    starts = [int(start) for start in np.cumsum([0, *sizes])]
+    starts = np.cumsum([0, *sizes])[:-1]
     draws = iter(
         noise[start : start + size].reshape(shape)
-        for start, size, shape in zip(starts, sizes, shapes, strict=False)
+        for start, size, shape in zip(starts, sizes, shapes, strict=True)
     )
     bank = {"templates": {}, "partial": {}, "coefficients": {}}
     for spec in plan.banks:
