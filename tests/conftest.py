@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,17 +131,26 @@ def saved_steps(directory: Path) -> list[int]:
 def kill_once(argv: list[str], landed) -> dict:
     """Starts `npas` on `argv` and kills it (SIGKILL) as soon as `landed()` holds.
 
-    Returns what was seen: whether the child was still running when killed, and the
-    checkpoint steps of both phases at that moment.
+    The child and the processes it started (input workers) are killed together, as a
+    crash of the machine would, so that none is left behind. Returns what was seen:
+    whether the child was still running when killed, and the checkpoint steps of both
+    phases at that moment.
     """
     out = Path(argv[argv.index("--output-dir") + 1])
     command = [sys.executable, "-m", "experiments.cli", *argv]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches its workers
+    )
     deadline = time.time() + 600  # catches a hang only
     while not landed(out) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     running = process.poll() is None
-    process.kill()
+    with contextlib.suppress(ProcessLookupError):  # a group that is gone already
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return {
         "running": running,
