@@ -15,6 +15,7 @@ from experiments.train import (
     LoopConfig,
     OptimConfig,
     TrainState,
+    all_finite,
     classification_metrics,
     learning_rate_schedule,
     make_eval_step,
@@ -328,3 +329,19 @@ def test_a_bf16_step_has_the_float32_losses_and_keeps_params_and_optimizer_in_fl
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(model.export(state.params)))
     eval_logits = make_eval_step(model)(state.params, state.model_state, images)
     assert eval_logits["wrn-10-1"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_one_non_finite_entry_anywhere_makes_a_tree_not_finite(bad):
+    tree = {
+        "kernel": np.ones((3, 3, 2, 4), np.float32),
+        "bias": np.zeros(4, np.float32),
+        "half": np.full((2, 5), 2.5, jnp.bfloat16),
+    }
+    assert bool(all_finite(tree))
+    assert bool(all_finite({}))  # nothing to check
+    for name, leaf in tree.items():
+        for index in [(0,) * leaf.ndim, tuple(n - 1 for n in leaf.shape)]:
+            broken = np.array(leaf)
+            broken[index] = bad
+            assert not bool(all_finite({**tree, name: broken})), (name, index)
