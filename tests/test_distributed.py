@@ -138,20 +138,29 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
 
     coordinator = f"localhost:{free_port()}"
     two = ("--coordinator", coordinator, "--num-processes", "2")
-    hosts = [
-        subprocess.Popen(
-            npas_train(folder, tmp_path / "two", *two),
-            cwd=REPO,
-            env=subprocess_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=1", NPAS_PROCESS_ID=str(index)
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = [host.communicate(timeout=600) for host in hosts]
+    # each host writes to files: a pipe read after the other host's could fill and block it
+    logs = [(tmp_path / f"host{i}.out", tmp_path / f"host{i}.err") for i in range(2)]
+    hosts = []
+    try:
+        for index, (out, err) in enumerate(logs):
+            with out.open("w") as stdout, err.open("w") as stderr:
+                host = subprocess.Popen(
+                    npas_train(folder, tmp_path / "two", *two),
+                    cwd=REPO,
+                    env=subprocess_env(
+                        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                        NPAS_PROCESS_ID=str(index),
+                    ),
+                    stdout=stdout,
+                    stderr=stderr,
+                )
+            hosts.append(host)
+        for host in hosts:
+            host.wait(timeout=600)  # catches a hang only
+    finally:
+        for host in hosts:
+            host.kill()  # no-op for a host that has exited
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for host, (_, stderr) in zip(hosts, outputs, strict=True):
         assert host.returncode == 0, stderr
         assert "leaked shared_memory" not in stderr  # the workers' batches were freed
