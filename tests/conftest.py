@@ -186,8 +186,14 @@ xdist worker (`--dist loadgroup`), so that the run is made once, not once per wo
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    """Groups the tests of each module's shared runs; puts tests marked `heavy` first.
+
+    xdist hands out the groups first (the largest first), then single tests in this
+    order: heavy ones started early leave no worker with a long test at the end.
+    """
     del config
     for item in items:
         shared = SHARED_RUNS.intersection(getattr(item, "fixturenames", ()))
         if shared:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable

@@ -451,6 +451,7 @@ def test_settings_defaults_agree_with_the_modules_that_use_them():
 E2E_EPOCHS = 10  # the CLI default is 15; 10 keeps the pair near a minute on 2 CPU cores
 
 
+@pytest.mark.heavy
 def test_budgeted_digits_model_learns_and_keeps_up_with_the_dense_one(tmp_path):
     """The default job (search included) on the full digits set, at 25% and dense."""
     common = ["train", "--quiet", "--epochs", str(E2E_EPOCHS)]
@@ -470,6 +471,7 @@ def test_budgeted_digits_model_learns_and_keeps_up_with_the_dense_one(tmp_path):
     assert accuracies["dense"] - accuracies["budgeted"] <= 0.05, accuracies
 
 
+@pytest.mark.heavy
 def test_an_ensemble_is_set_beside_the_fully_parameterized_one(tmp_path):
     out = tmp_path / "ensemble"
     # test_ensemble_sweep's two arms, so that the two modules share compiled programs
@@ -498,6 +500,7 @@ def test_an_ensemble_is_set_beside_the_fully_parameterized_one(tmp_path):
     assert (out / "anytime.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.heavy
 def test_early_exits_get_an_anytime_curve_of_their_own(tmp_path):
     out = tmp_path / "exits"
     argv = [
@@ -571,6 +574,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(dense_run
     assert "resuming training from step" in stdout
 
 
+@pytest.mark.heavy
 def test_a_bf16_run_checkpoints_float32_params_and_resumes_to_the_same_end(tmp_path):
     argv = ["train", *TINY, "--budget", "80%", "--epochs", "2", "--no-search", "--quiet"]
     argv += ["--dtype", "bfloat16"]

@@ -13,6 +13,7 @@ from experiments.benchmarks.device_check import (
 )
 
 
+@pytest.mark.heavy
 def test_the_smoke_mode_runs_every_check_on_the_cpu_and_exits_0(capsys):
     code = main(["--smoke"])  # in this process: the module's entry point is `sys.exit(main())`
     out, err = capsys.readouterr()

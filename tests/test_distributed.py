@@ -128,6 +128,7 @@ def npas_train(folder: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.heavy
 def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
     folder = write_image_folder(
         tmp_path / "images", classes=("ant", "bee", "cat", "dog"), train_per_class=12,

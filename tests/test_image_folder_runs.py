@@ -107,6 +107,7 @@ def test_train_and_val_with_different_classes_are_refused(folder, tmp_path):
     assert "dog" in stderr and "eel" in stderr
 
 
+@pytest.mark.heavy
 def test_a_file_that_is_not_an_image_is_refused_or_skipped_as_asked(folder, tmp_path):
     root = copy_of(folder, tmp_path)
     (root / "train" / "cat" / "notes.jpg").write_text("not a picture")

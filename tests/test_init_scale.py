@@ -53,6 +53,7 @@ def loss(logits, labels) -> float:
     return float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("make", [wrn, vit, scanned_mlp], ids=["resnet", "vit", "scanned-mlp"])
 def test_the_first_loss_of_a_budgeted_model_is_the_plain_models_within_10_percent(make):
     """At 10%, over three seeds (one seed's first loss moves by 20% for the deep stack)."""

@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,6 +19,7 @@ def python_blocks(first: str, last: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.heavy
 def test_library_use_and_bring_your_own_model_examples_run():
     blocks = python_blocks("## Library use", "### Budgets")
     assert len(blocks) == 6

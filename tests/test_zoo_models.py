@@ -132,6 +132,7 @@ def tokens(n=16, length=6, vocab=20):
     return ids, mask, (ids[:, 0] % CLASSES)
 
 
+@pytest.mark.heavy
 def test_transformer_with_dropout_and_a_mask_trains_and_exports_exactly():
     ids, mask, labels = tokens()
     module = TextClassifier()
@@ -510,6 +511,7 @@ class TextModule(nn.Module):
         return ClassifierOutput(nn.Dense(CLASSES, name="classifier")(x[:, 0]))
 
 
+@pytest.mark.heavy
 def test_a_text_module_gets_the_inputs_its_models_own_call_fills_in():
     ids = jax.random.randint(jax.random.key(4), (8, 7), 0, 50)
     mask = jnp.ones_like(ids).at[:, 5:].set(0)
