@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs.layers import batch_norm, conv
+from archs.layers import batch_norm, conv, linear
 
 Stem = Literal["cifar", "imagenet"]
 
@@ -128,7 +128,7 @@ class ResNet(nnx.Module):
                 channels = stage_width * block_cls.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+        self.head = linear(channels, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[b, h, w, in_channels] -> [b, num_classes]."""

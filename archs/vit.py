@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from archs.layers import linear
+
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     """[b, h, w, c] -> [b, (h / p) * (w / p), p * p * c], patches in row-major order."""
@@ -25,10 +27,10 @@ class SelfAttention(nnx.Module):
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
         self.num_heads = heads
-        self.query = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.key = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.value = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.query = linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.key = linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.value = linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.out = linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[b, n, dim] -> [b, n, dim]."""
@@ -44,8 +46,8 @@ class SelfAttention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, dim: int, hidden_dim: int, *, rngs: nnx.Rngs, dtype=None):
-        self.fc1 = nnx.Linear(dim, hidden_dim, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden_dim, dim, dtype=dtype, rngs=rngs)
+        self.fc1 = linear(dim, hidden_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = linear(hidden_dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[b, n, dim] -> [b, n, dim]."""
@@ -95,7 +97,7 @@ class ViT(nnx.Module):
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size.")
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
-        self.patch_embed = nnx.Linear(
+        self.patch_embed = linear(
             patch_size * patch_size * in_channels, dim, dtype=dtype, rngs=rngs
         )
         init = nnx.initializers.normal(stddev=0.02)
@@ -104,7 +106,7 @@ class ViT(nnx.Module):
             [TransformerBlock(dim, heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)]
         )
         self.norm = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, dtype=dtype, rngs=rngs)
+        self.head = linear(dim, num_classes, dtype=dtype, rngs=rngs)
 
     def position_embedding(self, grid_h: int, grid_w: int) -> jax.Array:
         """[grid_h * grid_w, dim], resized from the learned grid when the shapes differ."""

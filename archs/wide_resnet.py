@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from archs.layers import batch_norm, conv
+from archs.layers import batch_norm, conv, linear
 
 
 def stage_widths(width: float) -> tuple[int, int, int]:
@@ -43,7 +43,7 @@ class ExitHead(nnx.Module):
 
     def __init__(self, channels: int, num_classes: int, *, rngs: nnx.Rngs, dtype=None):
         self.bn = batch_norm(channels, rngs, dtype)
-        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+        self.head = linear(channels, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[b, h, w, channels] -> [b, num_classes]."""
@@ -98,7 +98,7 @@ class WideResNet(nnx.Module):
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
         self.final_bn = batch_norm(channels, rngs, dtype)
-        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+        self.head = linear(channels, num_classes, dtype=dtype, rngs=rngs)
         self.exit_heads = (
             nnx.List([ExitHead(w, num_classes, rngs=rngs, dtype=dtype) for w in widths[:2]])
             if exits

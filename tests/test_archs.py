@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import archs
-from archs import ResNet, ViT, WideResNet
+from archs import ResNet, ViT, WideResNet, layers
 
 
 def param_count(model: nnx.Module) -> int:
@@ -359,3 +359,40 @@ def test_built_in_architectures_compute_in_bf16_on_the_same_float32_params(name,
     assert half(x, train=True).dtype == jnp.bfloat16
     stats = [x.dtype for x in jax.tree.leaves(nnx.state(half, nnx.BatchStat))]
     assert all(d == jnp.float32 for d in stats)  # running statistics stay float32
+
+
+# Initialisers: JAX's values, drawn in a few lengths
+
+
+def test_draws_are_powers_of_two_of_at_least_2_to_the_16():
+    assert [layers.draw_length(n) for n in (1, 144, 65536)] == [65536] * 3
+    assert [layers.draw_length(n) for n in (65537, 147456, 262144)] == [131072, 262144, 262144]
+
+
+@pytest.mark.parametrize(
+    ("ours", "jax_own"),
+    [
+        (layers.kaiming_normal, jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+        (layers.lecun_normal, jax.nn.initializers.lecun_normal()),
+    ],
+    ids=["kaiming-normal", "lecun-normal"],
+)
+@pytest.mark.parametrize("shape", [(3, 3, 1, 16), (1, 1, 16, 32), (300, 10), (3, 3, 128, 128)])
+def test_the_initialisers_give_jaxs_values_bit_for_bit(ours, jax_own, shape):
+    key = jax.random.key(sum(shape))
+    np.testing.assert_array_equal(ours(key, shape), jax_own(key, shape, jnp.float32))
+
+
+def test_built_in_models_start_from_jaxs_initialisers_values(monkeypatch):
+    def built():
+        wrn = archs.create("wrn-10-1", num_classes=10, exits=True, rngs=nnx.Rngs(3))
+        return params_dict(wrn), params_dict(small_vit())
+
+    ours = built()
+    kaiming = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    monkeypatch.setattr(layers, "kaiming_normal", kaiming)
+    monkeypatch.setattr(layers, "lecun_normal", jax.nn.initializers.lecun_normal())
+    reference = built()
+    assert jax.tree.structure(ours) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
