@@ -7,7 +7,9 @@ Both models are built from the same architecture and stepped with the same
 jitted train step (SGD, Nesterov, weight decay) in one process; timings are
 interleaved round by round so that load on the machine hits both alike, and the
 median per step is reported, with the images per second it makes. Compile time
-is lowering plus XLA compilation, without the persistent cache. Memory is XLA's
+is lowering plus XLA compilation: the command turns JAX's persistent compilation
+cache off for its process (`without_persistent_cache`), so that a compile is never
+a read of an earlier one from the directory `JAX_COMPILATION_CACHE_DIR` names. Memory is XLA's
 own account of the compiled step (arguments, outputs and temporaries) and, where
 the backend reports it, the device's peak use. `--dtype bfloat16` has the
 members compute in bf16 (params, bank and optimizer state stay float32).
@@ -27,6 +29,17 @@ from experiments import augment
 from experiments.models import COMPUTE_DTYPES, build_budgeted, build_dense, create_members
 from experiments.train import OptimConfig, TrainState, make_optimizer, make_train_step
 from superweights import Budget, BudgetError
+
+
+def without_persistent_cache() -> None:
+    """Turns JAX's persistent compilation cache off for this process.
+
+    JAX decides whether to use the cache at its first compile, so this is called
+    first thing; a benchmark's compile times are then XLA's own. A process that
+    has already compiled with the cache on keeps it, and its compile times may be
+    reads of earlier compiles.
+    """
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def compiled_step(model, batch_size: int, image_shape, num_classes: int, seed: int = 0, batch=None):
@@ -195,6 +208,7 @@ def main(argv=None) -> None:
         "--compiles", type=int, default=2, help="compiles per model; the fastest is reported"
     )
     args = parser.parse_args(argv)
+    without_persistent_cache()
     image_shape = tuple(int(x) for x in args.image_shape.split(","))
     models = budgeted_and_plain(
         args.arch,
