@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 from flax import linen, nnx
 
+from archs.layers import lecun_normal
 from superweights import LayerSpec, ParamSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,11 @@ IMAGE_SHAPE = (4, 6, 6, 3)
 
 
 class TinyCNN(nnx.Module):
-    """stem 3x3 (3 -> w), BN, 3x3 (w -> 2w) plus a 1x1 shortcut (w -> 2w), dense head."""
+    """stem 3x3 (3 -> w), BN, 3x3 (w -> 2w) plus a 1x1 shortcut (w -> 2w), dense head.
+
+    Kernels start from Flax's default initialiser, drawn with `archs.layers.lecun_normal`
+    (the same values, one compiled draw for every width and shape).
+    """
 
     def __init__(
         self,
@@ -51,7 +56,7 @@ class TinyCNN(nnx.Module):
         num_classes: int = NUM_CLASSES,
         param_dtype=jnp.float32,
     ):
-        conv = dict(rngs=rngs, param_dtype=param_dtype)
+        conv = dict(rngs=rngs, param_dtype=param_dtype, kernel_init=lecun_normal)
         self.stem = nnx.Conv(3, width, (3, 3), **conv)
         self.bn = nnx.BatchNorm(width, rngs=rngs, param_dtype=param_dtype)
         self.conv = nnx.Conv(width, 2 * width, (3, 3), **conv)
@@ -72,11 +77,12 @@ class LinenCNN(linen.Module):
 
     @linen.compact
     def __call__(self, x, train: bool = False):
-        x = linen.Conv(self.width, (3, 3), name="stem")(x)
+        init = dict(kernel_init=lecun_normal)
+        x = linen.Conv(self.width, (3, 3), name="stem", **init)(x)
         x = linen.relu(linen.BatchNorm(use_running_average=not train)(x))
-        y = linen.Conv(2 * self.width, (3, 3), name="conv")(x)
-        x = y + linen.Conv(2 * self.width, (1, 1), use_bias=False, name="shortcut")(x)
-        return linen.Dense(NUM_CLASSES, name="head")(x.mean((1, 2)))
+        y = linen.Conv(2 * self.width, (3, 3), name="conv", **init)(x)
+        x = y + linen.Conv(2 * self.width, (1, 1), use_bias=False, name="shortcut", **init)(x)
+        return linen.Dense(NUM_CLASSES, name="head", **init)(x.mean((1, 2)))
 
 
 @pytest.fixture
