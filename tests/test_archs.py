@@ -383,6 +383,18 @@ def test_the_initialisers_give_jaxs_values_bit_for_bit(ours, jax_own, shape):
     np.testing.assert_array_equal(ours(key, shape), jax_own(key, shape, jnp.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_the_initialisers_give_jaxs_values_in_half_precision_too(dtype):
+    key, shape = jax.random.key(5), (3, 3, 8, 16)
+    for ours, jax_own in [
+        (layers.kaiming_normal, jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+        (layers.lecun_normal, jax.nn.initializers.lecun_normal()),
+    ]:
+        value = ours(key, shape, dtype)
+        assert value.dtype == dtype
+        np.testing.assert_array_equal(value, jax_own(key, shape, dtype))
+
+
 def test_built_in_models_start_from_jaxs_initialisers_values(monkeypatch):
     def built():
         wrn = archs.create("wrn-10-1", num_classes=10, exits=True, rngs=nnx.Rngs(3))

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import nnx
 
 from superweights import Budget, Inputs, SharingRule, budgeted
-from superweights.members import train_mode
+from superweights.members import linen_member, train_mode
 
 CLASSES = 3
 
@@ -93,6 +93,19 @@ def test_linen_resnet_without_a_train_flag_trains_and_exports_exactly():
     plain = module.apply({"params": exported, **state["model"]}, x)
     logits, _ = model.apply(params, state, x)
     np.testing.assert_allclose(plain, logits["model"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_linen_member_starts_from_the_values_of_the_modules_own_init():
+    """Its params and state are what Linen's own `init` gives for the same key streams."""
+    x = images_and_labels()[0][:1]
+    key = jax.random.key(4)
+    member = linen_member("model", MutableResNet(), x, key)
+    params_key, dropout_key = jax.random.split(key)  # the streams a Linen init is given
+    expected = MutableResNet().init({"params": params_key, "dropout": dropout_key}, x)
+    got = {"params": member.params, **member.state}
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # --- A transformer classifier taking ids and a mask, with dropout and `deterministic=`.
