@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import normal
 from flax import nnx
 
 import archs
@@ -37,7 +38,7 @@ def output_shape(model: nnx.Module, input_shape: tuple[int, ...]) -> tuple[int, 
 
 
 def images(shape: tuple[int, ...] = (2, 8, 8, 3)) -> jax.Array:
-    return jax.random.normal(jax.random.key(1), shape) * 3.0 + 1.0
+    return normal(1, shape) * 3.0 + 1.0
 
 
 def small_vit(**kwargs) -> ViT:

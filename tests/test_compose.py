@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import IMAGE_SHAPE, TinyCNN, chain_specs
+from conftest import IMAGE_SHAPE, TinyCNN, chain_specs, normal
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -218,7 +218,7 @@ def test_gradients_reach_templates_partial_templates_and_coefficients():
     layers = partial_template_layers()
     plan = plan_for(layers, Budget(params=72 + 216 + 100))
     bank = jax.jit(init_bank, static_argnums=0)(plan, jax.random.key(0))
-    targets = {x.id: jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(layers)}
+    targets = {x.id: normal(i, x.shape) for i, x in enumerate(layers)}
 
     def loss(bank):
         weights = compose(plan, bank)

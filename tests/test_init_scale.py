@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import normal
 from flax import linen as nn
 from flax import nnx
 
@@ -32,20 +33,20 @@ class ScannedMLP(nn.Module):
 
 
 def wrn(seed: int):
-    images = jax.random.normal(jax.random.key(2), (64, 8, 8, 1))
+    images = normal(2, (64, 8, 8, 1))
     model = archs.create("wrn-10-1", num_classes=CLASSES, in_channels=1, rngs=nnx.Rngs(seed))
     return model, images, SharingRule()
 
 
 def vit(seed: int):
-    images = jax.random.normal(jax.random.key(2), (64, 32, 32, 3))
+    images = normal(2, (64, 32, 32, 3))
     model = archs.create("vit-tiny", num_classes=CLASSES, rngs=nnx.Rngs(seed))
     return model, images, SharingRule(share_dense=True)
 
 
 def scanned_mlp(seed: int):
     del seed  # a Linen module: initialised from budgeted's key
-    features = jax.random.normal(jax.random.key(2), (64, 20))
+    features = normal(2, (64, 20))
     return ScannedMLP(), features, SharingRule(share_dense=True)
 
 

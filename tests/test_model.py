@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import IMAGE_SHAPE, NUM_CLASSES, LinenCNN, TinyCNN
+from conftest import IMAGE_SHAPE, NUM_CLASSES, LinenCNN, TinyCNN, normal
 from flax import linen as nn
 from flax import nnx
 
@@ -299,7 +299,7 @@ def test_members_of_one_architecture_run_vmapped_with_the_outputs_of_a_loop():
         for seed, name in enumerate(["a", "b", "c"])
     }
     modules["wide"] = archs.create("wrn-10-2", num_classes=10, in_channels=1, rngs=nnx.Rngs(9))
-    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    x = normal(0, (4, 8, 8, 1))
     model = budgeted(modules, Budget(fraction=0.9), sample_input=x[:1])
     signatures = [m.signature for m in model.members]
     assert signatures[0] == signatures[1] == signatures[2] != signatures[3]
@@ -391,7 +391,7 @@ def test_a_model_computing_in_bf16_is_planned_as_its_float32_self(make):
 @pytest.fixture(scope="module")
 def wrn_in_both_dtypes():
     """wrn-10-1 computing in bf16 and in float32, on the same float32 params."""
-    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+    x = normal(3, (4, 8, 8, 3))
     modules = {
         dtype: archs.create("wrn-10-1", num_classes=10, rngs=nnx.Rngs(0), dtype=dtype)
         for dtype in (None, jnp.bfloat16)

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import normal
 from flax import nnx
 
 from experiments.models import DenseModel, build_budgeted, build_dense, create_members
@@ -17,7 +18,7 @@ def param_count(module: nnx.Module) -> int:
 
 @pytest.fixture(scope="module")
 def images() -> jax.Array:
-    return jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    return normal(3, (4, 8, 8, 1))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import normal
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -187,7 +188,7 @@ def test_each_blocks_coefficient_rows_are_orthogonal_unit_vectors_of_their_own()
 
 def test_export_then_plain_apply_gives_the_same_logits(tight_model):
     modules, model, params, state = tight_model
-    images = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+    images = normal(2, (4, 8, 8, 1))
     logits, _ = model.apply(params, state, images)
     plain = modules["wrn-16-2"]
     weights = nnx.state(plain, nnx.Param)
@@ -199,7 +200,7 @@ def test_export_then_plain_apply_gives_the_same_logits(tight_model):
 
 def test_gradients_reach_every_template_and_coefficient(tight_model):
     _, model, params, state = tight_model
-    images = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    images = normal(3, (4, 8, 8, 1))
 
     def loss(bank):
         logits, _ = model.apply({**params, "bank": bank}, state, images, train=True)
@@ -281,7 +282,7 @@ def test_an_ensemble_with_early_exits_from_one_sub_layer_bank():
     assert {layer.member for layer in plan.layers} == {"wrn-16-1", "wrn-10-1"}
     params, state = model.init(jax.random.key(0))
     assert sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) == plan.trainable_params
-    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    images = normal(1, (2, 8, 8, 1))
     logits, _ = model.apply(params, state, images)
     exported = model.export(params)
     for name, module in modules.items():

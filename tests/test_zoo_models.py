@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import normal
 from flax import linen as nn
 from flax import nnx
 
@@ -72,7 +73,7 @@ class MutableResNet(nn.Module):
 
 
 def images_and_labels(n=16, shape=(8, 8, 3)):
-    x = jax.random.normal(jax.random.key(3), (n, *shape))
+    x = normal(3, (n, *shape))
     return x, jnp.arange(n) % CLASSES
 
 
@@ -266,7 +267,7 @@ class LinenScanned(nn.Module):
 
 
 def vectors_and_labels(n=16, dim=8):
-    x = jax.random.normal(jax.random.key(7), (n, dim))
+    x = normal(7, (n, dim))
     return x, (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
 
 
@@ -415,7 +416,7 @@ def test_a_hand_written_member_gets_the_rng_key_it_names():
             h = h * jax.random.bernoulli(rng, 0.5, h.shape) * 2.0
         return h.mean((1, 2)) @ params["out"], state
 
-    init = jax.random.normal(jax.random.key(0), (3, 3, 3, 8)) * 0.1
+    init = normal(0, (3, 3, 3, 8)) * 0.1
     member = Member(
         "hand",
         {"conv": init, "out": jnp.ones((8, CLASSES))},
@@ -423,7 +424,7 @@ def test_a_hand_written_member_gets_the_rng_key_it_names():
         apply_fn,
         needs_rng=True,
     )
-    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+    x = normal(1, (4, 6, 6, 3))
     model = budgeted(
         {"hand": member},
         Budget(fraction=0.9),
@@ -487,7 +488,7 @@ class PixelModel:
 
 
 def test_an_object_taking_nchw_pixel_values_is_budgeted_and_applied_in_nchw():
-    pixels = jax.random.normal(jax.random.key(3), (4, 3, 8, 8))  # NCHW
+    pixels = normal(3, (4, 3, 8, 8))  # NCHW
     module = PixelModule()
     zoo = PixelModel(
         module, module.init(jax.random.key(0), pixels[:1].transpose(0, 2, 3, 1))["params"]
@@ -565,7 +566,7 @@ def test_transformers_flax_vit_takes_nchw_pixel_values_as_its_own_call_does():
         num_labels=CLASSES,
     )
     vit = transformers.FlaxViTForImageClassification(config, seed=0)
-    pixels = jax.random.normal(jax.random.key(3), (8, 3, 8, 8))  # NCHW, as vit(pixels) takes
+    pixels = normal(3, (8, 3, 8, 8))  # NCHW, as vit(pixels) takes
     model = budgeted(
         vit, Budget(fraction=0.5), sample_input=pixels[:1], rule=SharingRule(share_dense=True)
     )
