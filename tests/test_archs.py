@@ -370,13 +370,14 @@ def test_draws_are_powers_of_two_of_at_least_2_to_the_16():
     assert [layers.draw_length(n) for n in (65537, 147456, 262144)] == [131072, 262144, 262144]
 
 
+INITIALISERS_AND_JAXS_OWN = [
+    (layers.kaiming_normal, jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+    (layers.lecun_normal, jax.nn.initializers.lecun_normal()),
+]
+
+
 @pytest.mark.parametrize(
-    ("ours", "jax_own"),
-    [
-        (layers.kaiming_normal, jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
-        (layers.lecun_normal, jax.nn.initializers.lecun_normal()),
-    ],
-    ids=["kaiming-normal", "lecun-normal"],
+    ("ours", "jax_own"), INITIALISERS_AND_JAXS_OWN, ids=["kaiming-normal", "lecun-normal"]
 )
 @pytest.mark.parametrize("shape", [(3, 3, 1, 16), (1, 1, 16, 32), (300, 10), (3, 3, 128, 128)])
 def test_the_initialisers_give_jaxs_values_bit_for_bit(ours, jax_own, shape):
@@ -387,10 +388,7 @@ def test_the_initialisers_give_jaxs_values_bit_for_bit(ours, jax_own, shape):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_the_initialisers_give_jaxs_values_in_half_precision_too(dtype):
     key, shape = jax.random.key(5), (3, 3, 8, 16)
-    for ours, jax_own in [
-        (layers.kaiming_normal, jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
-        (layers.lecun_normal, jax.nn.initializers.lecun_normal()),
-    ]:
+    for ours, jax_own in INITIALISERS_AND_JAXS_OWN:
         value = ours(key, shape, dtype)
         assert value.dtype == dtype
         np.testing.assert_array_equal(value, jax_own(key, shape, dtype))
