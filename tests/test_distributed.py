@@ -1,15 +1,13 @@
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
-from conftest import run_npas, subprocess_env
+from conftest import subprocess_env
 
 from experiments import distributed
-from experiments.imagefolder import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,78 +103,3 @@ def test_an_incomplete_multi_host_start_is_refused_before_connecting(
     with pytest.raises(ValueError, match=message):
         distributed.initialize(*arguments)
     assert jax.process_count() == 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def npas_train(folder: Path, out: Path, *extra: str) -> list[str]:
-    """A short run on an image folder: each process reads and decodes only its own images.
-
-    The folder and the settings are test_image_folder_runs' (read here by threads), so that
-    the single-process run shares that module's compiled programs.
-    """
-    return [
-        sys.executable, "-m", "experiments.cli", "train", "--quiet",
-        "--dataset", "image_folder", "--data-dir", str(folder), "--image-size", "16",
-        "--workers", "0", "--arch", "wrn-10-1", "--budget", "80%", "--batch-size", "8",
-        "--epochs", "2", "--search-epochs", "1", "--unshare-epoch", "1",
-        "--output-dir", str(out), *extra,
-    ]  # fmt: skip
-
-
-@pytest.mark.heavy
-def test_two_processes_joined_by_a_coordinator_train_like_one(tmp_path):
-    folder = write_image_folder(
-        tmp_path / "images", classes=("ant", "bee", "cat", "dog"), train_per_class=12,
-        val_per_class=3,
-    )  # fmt: skip
-    code, _, stderr = run_npas(npas_train(folder, tmp_path / "one")[3:])  # in this process
-    assert code == 0, stderr
-
-    coordinator = f"localhost:{free_port()}"
-    two = ("--coordinator", coordinator, "--num-processes", "2")
-    # each host writes to files: a pipe read after the other host's could fill and block it
-    logs = [(tmp_path / f"host{i}.out", tmp_path / f"host{i}.err") for i in range(2)]
-    hosts = []
-    try:
-        for index, (out, err) in enumerate(logs):
-            with out.open("w") as stdout, err.open("w") as stderr:
-                host = subprocess.Popen(
-                    npas_train(folder, tmp_path / "two", *two),
-                    cwd=REPO,
-                    env=subprocess_env(
-                        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                        NPAS_PROCESS_ID=str(index),
-                    ),
-                    stdout=stdout,
-                    stderr=stderr,
-                )
-            hosts.append(host)
-        for host in hosts:
-            host.wait(timeout=600)  # catches a hang only
-    finally:
-        for host in hosts:
-            host.kill()  # no-op for a host that has exited
-    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
-    for host, (_, stderr) in zip(hosts, outputs, strict=True):
-        assert host.returncode == 0, stderr
-        assert "leaked shared_memory" not in stderr  # the workers' batches were freed
-
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    for key in ("trainable_params", "clusters", "tau", "unshare"):
-        assert two[key] == one[key], key
-    # the same global batches; batch statistics summed over two devices in another order, a
-    # rounding difference that 18 steps and an unsharing grow: 1.4e-6 relative from one initial
-    # bank, 7e-5 from another (each the same in one process and in two, bit for bit)
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
-    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 12)  # 12 images
-    assert "final test accuracy" in outputs[0][0]
-    assert "final test accuracy" not in outputs[1][0]  # the second host trains silently
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "two" / "metrics.jsonl").open()]
-    assert epochs == [1, 2]  # written once, by the first host
-    assert (tmp_path / "two" / "checkpoints").is_dir()
