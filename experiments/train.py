@@ -154,7 +154,7 @@ def predict(
             for name, value in logits.items():
                 outputs.setdefault(name, []).append(value)
     finally:
-        pipeline.close(iterator)
+        pipeline.close(iterator, loader.workers)
     return {name: np.concatenate(parts)[: len(split)] for name, parts in outputs.items()}
 
 
@@ -377,7 +377,8 @@ def train(
     )
     input_state = position.input_state if position else None
     iterator = pipeline.iterate(run_batches, loader, input_state)
-    batches = pipeline.DevicePrefetch(iterator, pipeline.device_put(mesh), loader.prefetch)
+    put = pipeline.device_put(mesh)
+    batches = pipeline.DevicePrefetch(iterator, put, loader.prefetch, loader.workers)
     bar = tqdm(total=steps * last_epoch, disable=not progress, unit="step", dynamic_ncols=True)
     bar.update(int(state.step))
     metrics: dict = dict(position.metrics) if position else {}

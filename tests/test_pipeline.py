@@ -1,11 +1,14 @@
 """The grain input pipeline: epochs, shuffling, per-process pieces, padding, resume, prefetch."""
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from experiments import pipeline
 from experiments.data import ArrayRecords, Split
@@ -142,16 +145,54 @@ def test_an_iterator_set_to_a_saved_state_goes_on_with_the_very_next_batch(worke
         state = first.get_state()
         rest = [labels for _, labels in first]
     finally:
-        pipeline.close(first)
+        pipeline.close(first, workers)
     assert len(rest) == len(batches) - 5
     again = iterate(batches, loader, state)
     try:
         resumed = [labels for _, labels in again]
     finally:
-        pipeline.close(again)
+        pipeline.close(again, workers)
     for a, b, expected in zip(rest, resumed, labels_of(batches)[5:], strict=True):
         np.testing.assert_array_equal(a, expected)
         np.testing.assert_array_equal(b, expected)
+
+
+LEAK_CHECK = """
+import numpy as np
+from experiments import pipeline
+from experiments.data import ArrayRecords, Split
+
+
+def main():
+    images = np.zeros((32, 16, 16, 3), np.float32)
+    split = Split(ArrayRecords(images, np.arange(32, dtype=np.int32)))
+    batches = pipeline.training_batches(split, batch_size=8, epochs=1, seed=0)
+    iterator = pipeline.iterate(batches, pipeline.Loader(workers=1))
+    for _ in range(4):
+        next(iterator)
+    pipeline.close(iterator, workers=1)
+    print("closed")
+
+
+if __name__ == "__main__":  # the worker process imports this file
+    main()
+"""
+
+
+def test_closing_an_iterator_frees_the_shared_memory_of_its_workers_batches(tmp_path):
+    script = tmp_path / "leak_check.py"
+    script.write_text(LEAK_CHECK)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,  # catches a hang only
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr
+    # at exit, Python's resource tracker warns of every shared memory block left behind
+    assert "leaked shared_memory" not in done.stderr, done.stderr
 
 
 def test_device_prefetch_keeps_the_order_and_gives_the_state_after_each_batch():

@@ -70,14 +70,14 @@ def pipeline_alone(batches, workers: int, count: int) -> float:
     try:
         return time_batches(iterator, count)
     finally:
-        pipeline.close(iterator)
+        pipeline.close(iterator, workers)
 
 
 def training(batches, workers: int, count: int, step, state) -> tuple[float, float]:
     """`(images per second, fraction of the time spent waiting for input)` of training."""
     loader = pipeline.Loader(workers=workers)
     iterator = pipeline.iterate(batches, loader)
-    prefetch = pipeline.DevicePrefetch(iterator, jax.device_put, loader.prefetch)
+    prefetch = pipeline.DevicePrefetch(iterator, jax.device_put, loader.prefetch, workers)
     try:
         for _ in range(WARMUP_BATCHES):
             (images, labels), _ = next(prefetch)
