@@ -125,10 +125,19 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(folder, uninterrup
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     for key in ("trainable_params", "clusters", "tau", "unshare"):
         assert two[key] == one[key], key
-    # the same global batches; batch statistics summed over two devices in another order, a
-    # rounding difference that 18 steps and an unsharing grow: 1.4e-6 relative from one initial
-    # bank, 7e-5 from another (each the same in one process and in two, bit for bit)
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
+    # The same global batches, but batch statistics and gradients summed over two devices, in
+    # another order than over one: a rounding difference that training grows. (Two processes of
+    # one device each equal one process of two devices bit for bit.) Before the unsharing, 12
+    # steps: 2.8e-5 relative. After it the difference grows fast and depends on the processor's
+    # XLA code: at the end 7e-5 on one machine, 2.9e-3 on another. A gradient summed and not
+    # averaged, or each process training on its own half, is off by far more in the first epoch.
+    losses = {
+        name: [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").open()]
+        for name, out in (("one", uninterrupted[0]), ("two", tmp_path / "two"))
+    }
+    assert losses["two"][0] == pytest.approx(losses["one"][0], rel=1e-3)
+    assert losses["two"][-1] == pytest.approx(losses["one"][-1], rel=2e-2)
+    assert two["train_loss"] == losses["two"][-1] and one["train_loss"] == losses["one"][-1]
     assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1 / 12)  # 12 images
     assert "final test accuracy" in outputs[0][0]
     assert "final test accuracy" not in outputs[1][0]  # the second host trains silently
