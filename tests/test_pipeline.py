@@ -159,6 +159,8 @@ def test_an_iterator_set_to_a_saved_state_goes_on_with_the_very_next_batch(worke
 
 LEAK_CHECK = """
 import numpy as np
+from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
 from experiments import pipeline
 from experiments.data import ArrayRecords, Split
 
@@ -171,6 +173,12 @@ def main():
     for _ in range(4):
         next(iterator)
     pipeline.close(iterator, workers=1)
+    # grain unlinks a freed batch's shared memory on a thread of its own: wait for that
+    # thread's queue, which an exit right after could cut short (the warning would be
+    # the thread's lateness, not a batch left behind)
+    deleting = SharedMemoryArray._del_thread_pool
+    deleting.close()
+    deleting.join()
     print("closed")
 
 
