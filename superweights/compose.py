@@ -21,6 +21,7 @@ bf16 for members that compute in it).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -30,8 +31,35 @@ import numpy as np
 
 from superweights.plan import BankSpec, Level, Plan
 
+SHORTEST_DRAW = 1 << 16
+"""The fewest normal values `bank_noise` draws at once."""
 
-def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dict:
+
+@functools.partial(jax.jit, static_argnums=1)
+def _normal_draw(key: jax.Array, length: int) -> jax.Array:
+    return jax.random.normal(key, (length,), jnp.float32)
+
+
+def noise_size(plan: Plan) -> int:
+    """How many normal values `init_bank` draws for `plan`."""
+    return sum(math.prod(shape) for spec in plan.banks for shape in _noise_shapes(spec))
+
+
+def bank_noise(plan: Plan, key: jax.Array) -> jax.Array:
+    """`init_bank`'s normal draw for `plan`, with `key`, from a program many plans share:
+    `[n]`, n a power of two, at least `SHORTEST_DRAW` and `noise_size(plan)`.
+
+    JAX draws value i from the key and i alone (its default, partitionable threefry), so
+    the first values of a longer draw are the shorter draw, bit for bit. A random-number
+    program takes XLA about half a second to compile on a CPU: drawn inside `init_bank`,
+    every plan (every budget, every search result) paid it.
+    """
+    return _normal_draw(key, max(SHORTEST_DRAW, 1 << (noise_size(plan) - 1).bit_length()))
+
+
+def init_bank(
+    plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None, noise: jax.Array | None = None
+) -> dict:
     """Initialises every entry of every bank.
 
     Each bank's coefficient rows are orthogonal to one another where there are
@@ -45,11 +73,14 @@ def init_bank(plan: Plan, key: jax.Array, dtype=jnp.float32, scales=None) -> dic
 
     Every bank's random values are slices of one normal draw, so that the
     program has one random-number generator however many banks the plan has
-    (each generator costs XLA a fraction of a second to compile).
+    (each generator costs XLA a fraction of a second to compile). `noise`, when
+    given, is that draw made beforehand (`bank_noise(plan, key)`: the same values,
+    and a program without a generator); `key` is then unused.
     """
     shapes = [shape for spec in plan.banks for shape in _noise_shapes(spec)]
     sizes = [math.prod(shape) for shape in shapes]
-    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    if noise is None:
+        noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
     starts = np.cumsum([0, *sizes])[:-1]
     draws = iter(
         noise[start : start + size].reshape(shape)

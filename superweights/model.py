@@ -26,6 +26,7 @@ import numpy as np
 from superweights import tree
 from superweights.budget import SUBLAYER_TEMPLATES, Budget
 from superweights.compose import (
+    bank_noise,
     bank_scales,
     check_bank,
     compose_kernels,
@@ -160,7 +161,8 @@ class BudgetedModel:
             own = [p.path for p in self.plan.unshared if p.member == member.name]
             unshared[member.name] = {path: jnp.asarray(flat[path]) for path in own}
         scales = bank_scales(self.plan, self.initial_scales())
-        bank = jax.jit(functools.partial(init_bank, self.plan))(key, scales=scales)
+        noise = bank_noise(self.plan, key)  # a program shared by plans, compiled once
+        bank = jax.jit(functools.partial(init_bank, self.plan))(key, scales=scales, noise=noise)
         params = {"bank": bank, "unshared": unshared}
         return params, {m.name: m.state for m in self.members}
 

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import jax
@@ -23,7 +24,7 @@ from superweights import (
     superweights,
     tree,
 )
-from superweights.compose import template_matrix
+from superweights.compose import SHORTEST_DRAW, bank_noise, noise_size, template_matrix
 
 
 def plan_for(layers, budget, bins=1, shared=False, unshared=()):
@@ -189,6 +190,34 @@ def test_init_bank_depends_on_the_key_and_dtype():
     np.testing.assert_array_equal(a["templates"]["c0_l0"], again["templates"]["c0_l0"])
     half = init_bank(plan, jax.random.key(0), dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half))
+
+
+def test_a_bank_drawn_from_the_shared_longer_draw_is_the_one_drawn_in_its_program():
+    """`BudgetedModel.init` draws a bank's noise in a program of a power-of-two length (one
+    program for many plans); the bank must be the one `init_bank` draws itself, bit for bit."""
+    small = plan_for(two_level_layers(), Budget(fraction=1.0))
+    large = plan_for(partial_template_layers(), Budget(params=400))
+    # the noise of each: templates, partial template and coefficient rows of every bank
+    sizes = {
+        plan: sum(
+            b.templates * b.size + b.partial + len(b.groups) * b.num_templates * max(b.blocks, 1)
+            for b in plan.banks
+        )
+        for plan in (small, large)
+    }
+    assert noise_size(small) == sizes[small] and noise_size(large) == sizes[large]
+    assert sizes[small] != sizes[large]
+    key = jax.random.key(7)
+    for plan in (small, large):
+        noise = bank_noise(plan, key)
+        assert noise.shape == (SHORTEST_DRAW,)  # both plans: one length, one program
+        initialise = jax.jit(functools.partial(init_bank, plan))
+        expected = initialise(key)  # its own draw, of exactly its size
+        given = initialise(key, noise=noise)
+        for got, want in zip(jax.tree.leaves(given), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(got, want)
+    many = chain_specs("m", [((3, 3), 64, 64)] * 20)  # 20 x 36,864 entries at full size
+    assert bank_noise(plan_for(many, Budget(fraction=1.0)), key).shape == (1 << 20,)
 
 
 # --- shapes, dtypes, gradients --------------------------------------------------------------
