@@ -34,6 +34,9 @@ from superweights.plan import BankSpec, Level, Plan
 SHORTEST_DRAW = 1 << 16
 """The fewest normal values `bank_noise` draws at once."""
 
+DRAW_STEP = 1 << 20
+"""Above this many values, `bank_noise` draws a multiple of it, not a power of two."""
+
 
 @functools.partial(jax.jit, static_argnums=1)
 def _normal_draw(key: jax.Array, length: int) -> jax.Array:
@@ -45,16 +48,25 @@ def noise_size(plan: Plan) -> int:
     return sum(math.prod(shape) for spec in plan.banks for shape in _noise_shapes(spec))
 
 
+def draw_length(size: int) -> int:
+    """The length `bank_noise` draws for `size` values: a power of two, at least
+    `SHORTEST_DRAW`, up to `DRAW_STEP`; above it the next multiple of `DRAW_STEP` (a large
+    bank's draw is then at most 4 MiB longer than it, not up to twice as long)."""
+    if size > DRAW_STEP:
+        return -(-size // DRAW_STEP) * DRAW_STEP
+    return max(SHORTEST_DRAW, 1 << (size - 1).bit_length())
+
+
 def bank_noise(plan: Plan, key: jax.Array) -> jax.Array:
     """`init_bank`'s normal draw for `plan`, with `key`, from a program many plans share:
-    `[n]`, n a power of two, at least `SHORTEST_DRAW` and `noise_size(plan)`.
+    `[draw_length(noise_size(plan))]`.
 
     JAX draws value i from the key and i alone (its default, partitionable threefry), so
     the first values of a longer draw are the shorter draw, bit for bit. A random-number
     program takes XLA about half a second to compile on a CPU: drawn inside `init_bank`,
     every plan (every budget, every search result) paid it.
     """
-    return _normal_draw(key, max(SHORTEST_DRAW, 1 << (noise_size(plan) - 1).bit_length()))
+    return _normal_draw(key, draw_length(noise_size(plan)))
 
 
 def init_bank(

@@ -24,7 +24,13 @@ from superweights import (
     superweights,
     tree,
 )
-from superweights.compose import SHORTEST_DRAW, bank_noise, noise_size, template_matrix
+from superweights.compose import (
+    SHORTEST_DRAW,
+    bank_noise,
+    draw_length,
+    noise_size,
+    template_matrix,
+)
 
 
 def plan_for(layers, budget, bins=1, shared=False, unshared=()):
@@ -216,8 +222,22 @@ def test_a_bank_drawn_from_the_shared_longer_draw_is_the_one_drawn_in_its_progra
         given = initialise(key, noise=noise)
         for got, want in zip(jax.tree.leaves(given), jax.tree.leaves(expected), strict=True):
             np.testing.assert_array_equal(got, want)
-    many = chain_specs("m", [((3, 3), 64, 64)] * 20)  # 20 x 36,864 entries at full size
-    assert bank_noise(plan_for(many, Budget(fraction=1.0)), key).shape == (1 << 20,)
+
+
+@pytest.mark.parametrize(
+    ("size", "length"),
+    [
+        (1, 65_536),
+        (65_536, 65_536),
+        (65_537, 131_072),
+        (1_048_576, 1_048_576),  # 2^20
+        (1_048_577, 2_097_152),  # 2 x 2^20, also the next power of two
+        (3 * 1_048_576 + 5, 4 * 1_048_576),  # 4 x 2^20, also the next power of two
+        (4 * 1_048_576 + 1, 5 * 1_048_576),  # not 2^23
+    ],
+)
+def test_the_bank_draw_is_a_power_of_two_then_a_multiple_of_2_to_the_20(size, length):
+    assert draw_length(size) == length
 
 
 # --- shapes, dtypes, gradients --------------------------------------------------------------
