@@ -129,8 +129,8 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(folder, uninterrup
     # another order than over one: a rounding difference that training grows. (Two processes of
     # one device each equal one process of two devices bit for bit.) Before the unsharing, 12
     # steps: 2.8e-5 relative. After it the difference grows fast and depends on the processor's
-    # XLA code: at the end 7e-5 on one machine, 2.9e-3 on another. A gradient summed and not
-    # averaged, or each process training on its own half, is off by far more in the first epoch.
+    # XLA code: at the end 7e-5 on one machine, 2.9e-3 on another. A gradient summed over the
+    # processes and not averaged, a step twice as long, is off by 46% in the first epoch here.
     losses = {
         name: [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").open()]
         for name, out in (("one", uninterrupted[0]), ("two", tmp_path / "two"))
