@@ -51,7 +51,9 @@ def noise_size(plan: Plan) -> int:
 def draw_length(size: int) -> int:
     """The length `bank_noise` draws for `size` values: a power of two, at least
     `SHORTEST_DRAW`, up to `DRAW_STEP`; above it the next multiple of `DRAW_STEP` (a large
-    bank's draw is then at most 4 MiB longer than it, not up to twice as long)."""
+    bank's draw is then at most 4 MiB longer than it, not up to twice as long).
+    `archs.layers.draw_length` is the same rule up to `DRAW_STEP`, for the built-in models'
+    kernels: the two folders import neither the other."""
     if size > DRAW_STEP:
         return -(-size // DRAW_STEP) * DRAW_STEP
     return max(SHORTEST_DRAW, 1 << (size - 1).bit_length())
