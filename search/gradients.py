@@ -45,8 +45,10 @@ def weight_gradients(
         members' mean cross-entropies.
     """
 
+    # The state is an argument, not a constant of the program: a search that measures again
+    # (another batch of the same shape, later in training) reuses the compiled program.
     @jax.jit
-    def member_grads(member_params, inputs, labels):
+    def member_grads(member_params, model_state, inputs, labels):
         def total(p):
             logits, _ = apply_members(model.members, p, model_state, inputs, train=False)
             return loss(logits, labels)
@@ -56,7 +58,7 @@ def weight_gradients(
     member_params = jax.jit(model.member_params)(params)
     summed, count = None, 0
     for inputs, labels in batches:
-        grads = member_grads(member_params, inputs, labels)
+        grads = member_grads(member_params, model_state, inputs, labels)
         summed = grads if summed is None else jax.tree_util.tree_map(np.add, summed, grads)
         count += 1
     if not count:

@@ -178,6 +178,40 @@ def test_weight_gradients_average_over_batches(search_model, digits):
         assert not np.allclose(one[layer_id], other[layer_id])
 
 
+def test_the_gradients_program_takes_the_statistics_as_an_argument(
+    search_model, digits, monkeypatch
+):
+    """The running statistics are an argument of the gradients' program, not constants baked
+    into it: a measurement later in training (the unsharing's) is the same program, which a
+    persistent compilation cache serves, and it uses the statistics it is given."""
+    model, params, state = search_model
+    batch = (digits.train_images[:16], digits.train_labels[:16])
+    programs = []  # the gradients' program as lowered at each call, in StableHLO
+    jit = jax.jit
+
+    def recording_jit(fun, **kwargs):
+        jitted = jit(fun, **kwargs)
+        if fun.__name__ != "member_grads":
+            return jitted
+
+        def call(*args):
+            programs.append(jitted.lower(*args).as_text())
+            return jitted(*args)
+
+        return call
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    before = weight_gradients(model, params, state, [batch])
+    moved = jax.tree_util.tree_map(lambda x: 1.5 * x + 0.25, state)  # later statistics
+    after = weight_gradients(model, params, moved, [batch])
+    monkeypatch.undo()
+    assert len(programs) == 2 and programs[0] == programs[1]
+    expected = reference_gradients(model, params, moved, *batch)
+    for layer_id, grad in after.items():
+        np.testing.assert_allclose(grad, expected[layer_id], rtol=1e-4, atol=1e-6)
+        assert not np.allclose(grad, before[layer_id])
+
+
 def test_weight_gradients_of_no_batches_raise(search_model):
     model, params, state = search_model
     with pytest.raises(ValueError, match="no batches"):
