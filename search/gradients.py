@@ -45,8 +45,9 @@ def weight_gradients(
         members' mean cross-entropies.
     """
 
-    # The state is an argument, not a constant of the program: a search that measures again
-    # (another batch of the same shape, later in training) reuses the compiled program.
+    # The state is an argument, not a constant of the program: a later measurement (later
+    # statistics, batches of the same shape) is the same program, which JAX's persistent
+    # compilation cache can serve (each call still traces its own `jax.jit`).
     @jax.jit
     def member_grads(member_params, model_state, inputs, labels):
         def total(p):
