@@ -351,13 +351,15 @@ def test_built_in_architectures_compute_in_bf16_on_the_same_float32_params(name,
         return nnx.merge(graphdef, state)(x, train=True)
 
     assert conv_and_dot_dtypes(apply, state, x) == {"bfloat16"}
-    # in eval mode (batch statistics of two images would magnify any rounding)
-    expected, out = full(x, train=False), half(x, train=False)
+    # in eval mode (batch statistics of two images would magnify any rounding); each forward
+    # is one compiled program, not one per layer's operation
+    forward = nnx.jit(lambda model, x, train: model(x, train=train), static_argnums=2)
+    expected, out = forward(full, x, False), forward(half, x, False)
     assert out.dtype == jnp.bfloat16 and out.shape == expected.shape
     scale = float(jnp.abs(expected).max())
     np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.03 * scale)
     assert not np.array_equal(out.astype(jnp.float32), expected)  # computed in bf16 indeed
-    assert half(x, train=True).dtype == jnp.bfloat16
+    assert forward(half, x, True).dtype == jnp.bfloat16
     stats = [x.dtype for x in jax.tree.leaves(nnx.state(half, nnx.BatchStat))]
     assert all(d == jnp.float32 for d in stats)  # running statistics stay float32
 
