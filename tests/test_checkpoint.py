@@ -105,9 +105,8 @@ def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
 
 def test_checkpoints_are_kept_every_n_epochs_and_pruned(digits, model, tmp_path):
     checkpoints = Checkpoints(tmp_path / "ckpt", keep=2)
-    loop = LoopConfig(epochs=4, batch_size=32, eval_batch_size=64)
-    train(model, digits, loop, OPTIM, progress=False, saving=Saving(checkpoints, every_epochs=1))
-    assert checkpoints.steps() == [12, 16]  # 4 steps an epoch; the last two kept
+    train(model, digits, LOOP, OPTIM, progress=False, saving=Saving(checkpoints, every_epochs=1))
+    assert checkpoints.steps() == [8, 12]  # 4 steps an epoch, 3 saved; the last two kept
 
 
 def test_a_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(digits, model, tmp_path):
@@ -263,20 +262,22 @@ def test_the_command_line_reports_a_full_disk_in_one_line_and_resumes_once_freed
 ):
     from experiments.cli import main
 
-    argv = ["train", "--arch", "wrn-10-1", "--train-size", "96", "--test-size", "48"]
+    # 2 steps an epoch, 4 in all: the schedule, model and data of test_budget_sweep's full
+    # model, whose compiled step this run shares
+    argv = ["train", "--arch", "wrn-10-1", "--train-size", "64", "--test-size", "64"]
     argv += ["--batch-size", "32", "--dense", "--epochs", "2", "--quiet"]
     argv += ["--output-dir", str(tmp_path)]
     disk_full_from_save(2)
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"npas: error: could not write the checkpoint of step 6 in {tmp_path / 'checkpoints'}: "
-        "No space left on device; the checkpoint of step 3 is intact\n"
+        f"npas: error: could not write the checkpoint of step 4 in {tmp_path / 'checkpoints'}: "
+        "No space left on device; the checkpoint of step 2 is intact\n"
     )
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
     disk_full_from_save(None)
     code, out = main(argv), capsys.readouterr().out
-    assert code == 0 and "resuming training from step 3 (epoch 2" in out
+    assert code == 0 and "resuming training from step 2 (epoch 2" in out
     assert (tmp_path / "summary.json").exists()
 
 
