@@ -43,7 +43,7 @@ def run_on(devices: int, *batches: int) -> list[dict]:
 
     The model, data and loop are test_checkpoint's, whose single-device programs they share.
     """
-    env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = subprocess_env(xla_flags=f"--xla_force_host_platform_device_count={devices}")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, *map(str, batches)],
         cwd=REPO,

@@ -105,7 +105,7 @@ def test_two_processes_joined_by_a_coordinator_train_like_one(folder, uninterrup
                     [sys.executable, "-m", "experiments.cli", *argv],
                     cwd=REPO,
                     env=subprocess_env(
-                        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                        xla_flags="--xla_force_host_platform_device_count=1",
                         NPAS_PROCESS_ID=str(index),
                     ),
                     stdout=stdout,
