@@ -28,14 +28,36 @@ COMPILATION_CACHE = str(REPO / ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-TEST_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=1"
-"""XLA's settings for every test process, read when JAX first starts its CPU backend (after
-this module's imports). xdist runs one test process per core, so each computes on one thread
-instead of several that contend for the cores; and LLVM optimises the compiled code less:
-most of the suite's time is compiling small programs, few of which run for long. Neither
-changes what a program computes; both only trade the speed of its code for that of its
-compile."""
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+TEST_XLA_FLAGS = (
+    "--xla_cpu_multi_thread_eigen=false",
+    "--xla_backend_optimization_level=1",
+    "--xla_cpu_use_fusion_emitters=false",
+)
+"""XLA's settings for every test process and the processes the tests start. Most of the
+suite's time is compiling small programs, few of which run for long: LLVM optimises less and
+fused loops take XLA's older emitter, each compile quicker, the code it makes a little
+slower. xdist runs one test process per core, so each computes on one thread instead of
+several that contend for the cores. The programs compute the same operations."""
+
+
+def supported_xla_flags(flags: tuple[str, ...]) -> str:
+    """`flags` less any this jaxlib's XLA does not know (it stops a process on one), found by
+    starting JAX in a child process: once a session, in the process that starts the others."""
+
+    def starts(candidates) -> bool:
+        probe = [sys.executable, "-c", "import jax; jax.devices()"]
+        env = {**os.environ, "XLA_FLAGS": " ".join(candidates)}
+        return subprocess.run(probe, env=env, capture_output=True, timeout=300).returncode == 0
+
+    return " ".join(flags if starts(flags) else [f for f in flags if starts([f])])
+
+
+if "NPAS_TEST_XLA_FLAGS" not in os.environ:  # xdist's workers inherit both settings
+    os.environ["NPAS_TEST_XLA_FLAGS"] = supported_xla_flags(TEST_XLA_FLAGS)
+    # read when JAX first starts its CPU backend, after this module's imports
+    os.environ["XLA_FLAGS"] = " ".join(
+        filter(None, (os.environ.get("XLA_FLAGS"), os.environ["NPAS_TEST_XLA_FLAGS"]))
+    )
 
 
 def subprocess_env(xla_flags: str = "", **extra: str) -> dict[str, str]:
