@@ -37,7 +37,10 @@ TEST_XLA_FLAGS = (
 suite's time is compiling small programs, few of which run for long: LLVM optimises less and
 fused loops take XLA's older emitter, each compile quicker, the code it makes a little
 slower. xdist runs one test process per core, so each computes on one thread instead of
-several that contend for the cores. The programs compute the same operations."""
+several that contend for the cores. The programs compute the same operations; their
+rounding may differ from that without these options, and training grows such differences
+(the default job, 10 epochs: 98.06% test accuracy with them, 98.33% without). Every test
+process has the same options."""
 
 
 def supported_xla_flags(flags: tuple[str, ...]) -> str:
