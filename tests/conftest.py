@@ -71,7 +71,7 @@ def subprocess_env(xla_flags: str = "", **extra: str) -> dict[str, str]:
         "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONUNBUFFERED": "1",
-        "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} {xla_flags}".strip(),
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip(),
         **extra,
     }
 
