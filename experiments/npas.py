@@ -85,6 +85,8 @@ def unshare_intervention(
         after = sum(len(b.groups) for b in new_plan.banks)
         log(f"unsharing: {before} coefficient vectors -> {after}")
         record["unshare"] = {"vectors_before": before, "vectors_after": after}
+        if new_plan == model.plan:  # nothing split: the same model, its compiled step kept
+            return model, state
         record["plan"] = new_plan
         params = dict(state.params)
         params["bank"] = search.expand_coefficients(model.plan, new_plan, state.params["bank"])
@@ -149,7 +151,7 @@ def run_search(
         dataset,
         loop,
         optim,
-        phase=Phase(resume=resume_point, stop_after=config.search_epochs),
+        phase=Phase(resume=resume_point, stop_after=config.search_epochs, evaluate=False),
         saving=saving,
         progress=progress,
     )

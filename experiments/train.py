@@ -202,15 +202,19 @@ class Phase:
       stop_after: end after this many epochs, the schedule still spanning
         `loop.epochs` (a search phase at the full learning rate).
       interventions: `{epoch: fn(model, state) -> (model, state)}`, run after
-        that epoch's steps; a changed model gets a freshly compiled step and an
-        optimizer whose weight-decay mask follows the new params (the
-        optimizer state passed back must match them).
+        that epoch's steps; a new model object gets a freshly compiled step and
+        an optimizer whose weight-decay mask follows the new params (the
+        optimizer state passed back must match them); the same one keeps its.
+      evaluate: test the model (every `eval_every` epochs and at the end); off
+        for a phase whose metrics nobody reads (the search phase), which then
+        compiles no evaluation step.
     """
 
     initial: tuple[Any, Any] | None = None
     resume: tuple[TrainState, Position] | None = None
     stop_after: int | None = None
     interventions: Mapping[int, Intervention] = dataclasses.field(default_factory=dict)
+    evaluate: bool = True
 
 
 def _never() -> bool:
@@ -404,8 +408,10 @@ def train(
             if not math.isfinite(epoch_loss):
                 raise saving.diverged(epoch_loss, epoch)
             if epoch in phase.interventions:
-                model, state = phase.interventions[epoch](model, state)
-                optimizer, train_step, eval_step = compile_steps(model, state.params)
+                changed, state = phase.interventions[epoch](model, state)
+                if changed is not model:
+                    model = changed
+                    optimizer, train_step, eval_step = compile_steps(model, state.params)
             seconds = time.perf_counter() - epoch_clock
             input_seconds = batches.waited - waited
             metrics = {
@@ -416,7 +422,8 @@ def train(
                 "input_seconds": input_seconds,
                 "step_seconds": seconds - input_seconds,
             }
-            if epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0):
+            due = epoch == last_epoch or (loop.eval_every and epoch % loop.eval_every == 0)
+            if phase.evaluate and due:
                 metrics.update({f"test_{k}": v for k, v in evaluate(state).items()})
             bar.set_postfix(epoch=epoch, loss=f"{epoch_loss:.3f}")
             if on_epoch:

@@ -14,6 +14,7 @@ from experiments.models import build_budgeted, create_members
 from experiments.train import (
     LoopConfig,
     OptimConfig,
+    Phase,
     TrainState,
     all_finite,
     classification_metrics,
@@ -258,6 +259,25 @@ def test_train_steps_drop_the_remainder_and_call_on_epoch_once_per_epoch(small_d
     assert int(state.model_state["linear"]["calls"]) == 12  # state threads through the steps
     assert metrics == calls[-1]
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_a_phase_that_does_not_evaluate_never_runs_the_model_in_eval_mode(small_digits):
+    data = subset(small_digits, 64, 20)
+    model = LinearModel(features=64)
+    modes = []
+    apply = model.apply
+    model.apply = lambda *args, train=False, **kwargs: (
+        modes.append(train) or apply(*args, train=train, **kwargs)
+    )
+    loop = LoopConfig(epochs=3, batch_size=32, eval_every=1, augmentation=Augmentation())
+    calls = []
+    quiet = Phase(stop_after=2, evaluate=False)
+    _, metrics = train(model, data, loop, OptimConfig(), phase=quiet, on_epoch=calls.append)
+    assert [m["epoch"] for m in calls] == [1, 2] and metrics == calls[-1]
+    assert not any(k.startswith("test_") for m in calls for k in m)
+    assert modes == [True]  # one trace of the train step, none of an eval step
+    _, metrics = train(model, data, loop, OptimConfig(), phase=Phase(stop_after=2))
+    assert modes[1:] == [True, False] and 0 <= metrics["test_accuracy"] <= 1
 
 
 def test_train_is_deterministic_given_the_seed(small_digits):
