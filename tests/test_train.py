@@ -272,11 +272,13 @@ def test_a_phase_that_does_not_evaluate_never_runs_the_model_in_eval_mode(small_
     loop = LoopConfig(epochs=3, batch_size=32, eval_every=1, augmentation=Augmentation())
     calls = []
     quiet = Phase(stop_after=2, evaluate=False)
-    _, metrics = train(model, data, loop, OptimConfig(), phase=quiet, on_epoch=calls.append)
+    _, metrics = train(
+        model, data, loop, OptimConfig(), progress=False, phase=quiet, on_epoch=calls.append
+    )
     assert [m["epoch"] for m in calls] == [1, 2] and metrics == calls[-1]
     assert not any(k.startswith("test_") for m in calls for k in m)
     assert modes == [True]  # one trace of the train step, none of an eval step
-    _, metrics = train(model, data, loop, OptimConfig(), phase=Phase(stop_after=2))
+    _, metrics = train(model, data, loop, OptimConfig(), progress=False, phase=Phase(stop_after=2))
     assert modes[1:] == [True, False] and 0 <= metrics["test_accuracy"] <= 1
 
 
