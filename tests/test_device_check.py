@@ -1,3 +1,4 @@
+import importlib
 import re
 import subprocess
 import sys
@@ -137,3 +138,15 @@ def test_cifar_shaped_data_is_each_class_a_pattern_plus_noise():
     assert np.mean(distances.argmin(1) == data.test_labels) > 0.9
     again = cifar_shaped(200, 50, (32, 32, 3), 10, seed=3)
     np.testing.assert_array_equal(again.train_images, data.train_images)
+
+
+@pytest.mark.parametrize("module", ["train_step", "scaling"])
+@pytest.mark.parametrize("text", ["8x8x1", "8,8", "8,0,3"])
+def test_a_malformed_image_shape_is_a_usage_error(module, text, capsys):
+    benchmark = importlib.import_module(f"experiments.benchmarks.{module}")
+    with pytest.raises(SystemExit) as exited:
+        benchmark.main(["--image-shape", text])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --image-shape: takes height,width,channels" in error
+    assert f"got {text!r}" in error and "Traceback" not in error

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.train_step import compiled_step, time_steps
+from experiments.benchmarks.train_step import compiled_step, image_shape_argument, time_steps
 from experiments.models import build_budgeted, build_dense, create_members
 from superweights import Budget, compose
 
@@ -82,7 +82,7 @@ def members(args, shape) -> None:
 
 CHILD = """
 import json, sys, time, jax, jax.numpy as jnp
-from experiments.benchmarks.train_step import compiled_step, time_steps
+from experiments.benchmarks.train_step import compiled_step, image_shape_argument, time_steps
 from experiments.models import build_budgeted, create_members
 from superweights import Budget
 arch, budget, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -128,11 +128,11 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", default="wrn-16-2")
     parser.add_argument("--budget", default="40%")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-shape", default="32,32,3")
+    parser.add_argument("--image-shape", type=image_shape_argument, default="32,32,3")
     parser.add_argument("--max-members", type=int, default=3)
     parser.add_argument("--parts", default="composition,members,devices")
     args = parser.parse_args(argv)
-    shape = tuple(int(x) for x in args.image_shape.split(","))
+    shape = args.image_shape
     device = jax.devices()[0]
     print(f"on {jax.device_count()} {device.platform} device(s) ({device.device_kind})")
     parts = {"composition": composition, "members": members, "devices": devices}

@@ -26,9 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import augment
+from experiments.config import ConfigError, parse_image_shape
 from experiments.models import COMPUTE_DTYPES, build_budgeted, build_dense, create_members
 from experiments.train import OptimConfig, TrainState, make_optimizer, make_train_step
 from superweights import Budget, BudgetError
+
+
+def image_shape_argument(text: str) -> tuple[int, int, int]:
+    """`--image-shape`'s parser: `"32,32,3"` -> `(32, 32, 3)`; anything else is a usage error."""
+    try:
+        return parse_image_shape(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--image-shape ")) from None
 
 
 def without_persistent_cache() -> None:
@@ -196,7 +205,7 @@ def main(argv=None) -> None:
         "--budget", default="10%", help="one budget or several, comma-separated (1%%,5%%,10%%)"
     )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-shape", default="32,32,3")
+    parser.add_argument("--image-shape", type=image_shape_argument, default="32,32,3")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument(
         "--dtype", default="float32", choices=tuple(COMPUTE_DTYPES), help="what members compute in"
@@ -209,7 +218,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     without_persistent_cache()
-    image_shape = tuple(int(x) for x in args.image_shape.split(","))
+    image_shape = args.image_shape
     models = budgeted_and_plain(
         args.arch,
         args.budget.split(","),
