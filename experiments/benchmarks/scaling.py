@@ -82,7 +82,7 @@ def members(args, shape) -> None:
 
 CHILD = """
 import json, sys, time, jax, jax.numpy as jnp
-from experiments.benchmarks.train_step import compiled_step, image_shape_argument, time_steps
+from experiments.benchmarks.train_step import compiled_step, time_steps
 from experiments.models import build_budgeted, create_members
 from superweights import Budget
 arch, budget, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
