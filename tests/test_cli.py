@@ -448,28 +448,46 @@ def test_settings_defaults_agree_with_the_modules_that_use_them():
 
 # --- end to end -----------------------------------------------------------------------------
 
-E2E_EPOCHS = 10  # the CLI default is 15; 10 keeps the pair near a minute on 2 CPU cores
+E2E_EPOCHS = 10  # the CLI default is 15; 10 keeps the run near a minute on 2 CPU cores
+E2E_ACCURACY = 0.95
+"""At 10 epochs the default job scored 98.06%, 97.50% and 98.33% (seeds 0-2, the tests' XLA
+settings); 95% is its lowest seed less two and a half points, and it also bounds the gap to
+the full model, whose accuracy is at most 100% (98.61 +- 0.28% over seeds 0-2 at 15 epochs)."""
+
+
+def wide_resnet_params(depth: int, width: int, in_channels: int, num_classes: int) -> int:
+    """Trainable parameters of a plain WRN-`depth`-`width` by formula, not by building one:
+    a 3x3 stem to 16 channels; three stages of (depth - 4) / 6 pre-activation blocks, each
+    batch norm (scale, bias) + 3x3 conv + batch norm + 3x3 conv, with a 1x1 projection where
+    the width changes; a final batch norm; a dense head with bias. No conv has a bias.
+    WRN-28-1, 1 channel, 10 classes: 144 + 18,688 + 70,112 + 279,488 + 128 + 650 = 369,210."""
+    blocks = (depth - 4) // 6
+    total, previous = 9 * in_channels * 16, 16
+    for stage in (16 * width, 32 * width, 64 * width):
+        for block in range(blocks):
+            c_in = previous if block == 0 else stage
+            total += 2 * c_in + 9 * c_in * stage + 2 * stage + 9 * stage * stage
+            total += c_in * stage if c_in != stage else 0
+        previous = stage
+    return total + 2 * previous + previous * num_classes + num_classes
 
 
 @pytest.mark.heavy
-def test_budgeted_digits_model_learns_and_keeps_up_with_the_dense_one(tmp_path):
-    """The default job (search included) on the full digits set, at 25% and dense."""
+def test_the_default_job_learns_the_digits_with_a_quarter_of_the_parameters(tmp_path):
+    """The default job (search included) on the full digits set: 25% of the shared kernels,
+    trained to within E2E_ACCURACY of every digit."""
+    out = tmp_path / "default"
     # checkpoints only at the ends: where they land changes no result (test_checkpoint)
-    common = ["train", "--quiet", "--epochs", str(E2E_EPOCHS), "--checkpoint-every", "0"]
-    summaries = {}
-    for name, extra in (("budgeted", []), ("dense", ["--dense"])):
-        out = tmp_path / name
-        code, _, stderr = run([*common, *extra, "--output-dir", str(out)])
-        assert code == 0, stderr
-        summaries[name] = json.loads((out / "summary.json").read_text())
-    budgeted, dense = summaries["budgeted"], summaries["dense"]
-    assert budgeted["arch"] == dense["arch"] == RunConfig.arch
-    assert budgeted["budget"] == "25.00% (banks scope)"
-    assert budgeted["trainable_params"] < 0.3 * dense["trainable_params"]
-    accuracies = {name: s["test_accuracy"] for name, s in summaries.items()}
-    assert accuracies["budgeted"] > 0.8, accuracies
-    assert accuracies["dense"] > 0.8, accuracies
-    assert accuracies["dense"] - accuracies["budgeted"] <= 0.05, accuracies
+    argv = ["train", "--quiet", "--epochs", str(E2E_EPOCHS), "--checkpoint-every", "0"]
+    code, _, stderr = run([*argv, "--output-dir", str(out)])
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == RunConfig.arch == "wrn-28-1" and summary["dataset"] == "digits"
+    assert summary["budget"] == "25.00% (banks scope)" and summary["search"] is True
+    # 25% of the shared kernels, plus what is never shared (norms, head, coefficients)
+    dense = wide_resnet_params(28, 1, in_channels=1, num_classes=10)
+    assert 0.25 * dense < summary["trainable_params"] < 0.3 * dense
+    assert summary["test_accuracy"] >= E2E_ACCURACY, summary["test_accuracy"]
 
 
 @pytest.mark.heavy
