@@ -451,8 +451,8 @@ def test_settings_defaults_agree_with_the_modules_that_use_them():
 E2E_EPOCHS = 10  # the CLI default is 15; 10 keeps the run near a minute on 2 CPU cores
 E2E_ACCURACY = 0.95
 """At 10 epochs the default job scored 98.06%, 97.50% and 98.33% (seeds 0-2, the tests' XLA
-settings); 95% is its lowest seed less two and a half points, and it also bounds the gap to
-the full model, whose accuracy is at most 100% (98.61 +- 0.28% over seeds 0-2 at 15 epochs)."""
+settings); 95% is its lowest seed less two and a half points. It also bounds the budgeted
+model's gap to the full one to 5 points, whatever the full model scores (at most 100%)."""
 
 
 def wide_resnet_params(depth: int, width: int, in_channels: int, num_classes: int) -> int:
@@ -475,7 +475,7 @@ def wide_resnet_params(depth: int, width: int, in_channels: int, num_classes: in
 @pytest.mark.heavy
 def test_the_default_job_learns_the_digits_with_a_quarter_of_the_parameters(tmp_path):
     """The default job (search included) on the full digits set: 25% of the shared kernels,
-    trained to within E2E_ACCURACY of every digit."""
+    at least E2E_ACCURACY on the test set."""
     out = tmp_path / "default"
     # checkpoints only at the ends: where they land changes no result (test_checkpoint)
     argv = ["train", "--quiet", "--epochs", str(E2E_EPOCHS), "--checkpoint-every", "0"]
