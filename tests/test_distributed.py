@@ -19,30 +19,46 @@ from experiments.models import build_budgeted, create_members
 from experiments.train import LoopConfig, OptimConfig, train
 from superweights import Budget
 
-digits = subset(load_digits(), 128, 64)
-modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
-model = build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
-for batch in map(int, sys.argv[1:]):
-    losses = []
-    try:
-        state, metrics = train(model, digits, LoopConfig(epochs=3, batch_size=batch,
-                               eval_batch_size=64), OptimConfig(), progress=False,
-                               on_epoch=lambda m: losses.append(m["train_loss"]))
-    except ValueError as error:
-        print(json.dumps({"error": str(error)}))
-        continue
-    template = state.params["bank"]["templates"]["c0_l0"]
-    print(json.dumps({"devices": jax.device_count(), "losses": losses,
-                      "accuracy": metrics["test_accuracy"],
-                      "replicated_on": len(template.sharding.device_set)}))
+
+def train_on_every_device(batches):
+    \"\"\"wrn-10-1 at 80% trained 3 epochs on digits, once for each batch size: its losses,
+    accuracy and devices, or the refusal.\"\"\"
+    digits = subset(load_digits(), 128, 64)
+    modules = create_members(["wrn-10-1"], num_classes=10, in_channels=1, seed=0)
+    model = build_budgeted(modules, Budget(fraction=0.8), jnp.zeros((1, 8, 8, 1)))
+    results = []
+    for batch in batches:
+        losses = []
+        try:
+            state, metrics = train(model, digits, LoopConfig(epochs=3, batch_size=batch,
+                                   eval_batch_size=64), OptimConfig(), progress=False,
+                                   on_epoch=lambda m: losses.append(m["train_loss"]))
+        except ValueError as error:
+            results.append({"error": str(error)})
+            continue
+        template = state.params["bank"]["templates"]["c0_l0"]
+        results.append({"devices": jax.device_count(), "losses": losses,
+                        "accuracy": metrics["test_accuracy"],
+                        "replicated_on": len(template.sharding.device_set)})
+    return results
+
+
+if __name__ == "__main__":
+    for result in train_on_every_device(map(int, sys.argv[1:])):
+        print(json.dumps(result))
 """
+"""The model, data and loop are test_checkpoint's, whose single-device programs they share."""
+
+
+def run_here(*batches: int) -> list[dict]:
+    """SCRIPT's results in this process, on its one device."""
+    namespace = {"__name__": "test_distributed_script"}
+    exec(compile(SCRIPT, "test_distributed_script", "exec"), namespace)  # noqa: S102
+    return namespace["train_on_every_device"](batches)
 
 
 def run_on(devices: int, *batches: int) -> list[dict]:
-    """One line of results for each batch size, trained in one process on `devices`.
-
-    The model, data and loop are test_checkpoint's, whose single-device programs they share.
-    """
+    """SCRIPT's results in a child process on `devices` host devices."""
     env = subprocess_env(xla_flags=f"--xla_force_host_platform_device_count={devices}")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, *map(str, batches)],
@@ -57,8 +73,9 @@ def run_on(devices: int, *batches: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def host_devices() -> dict:
-    """Batch 32 on one device; batches 32 and 31 on two."""
-    (one,) = run_on(1, 32)
+    """Batch 32 on this process's one device; batches 32 and 31 on two in a child."""
+    assert jax.device_count() == 1
+    (one,) = run_here(32)
     two, uneven = run_on(2, 32, 31)
     return {"one": one, "two": two, "uneven": uneven}
 
