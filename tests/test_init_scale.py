@@ -39,8 +39,8 @@ def wrn(seed: int):
 
 
 def vit(seed: int):
-    """ViT-Ti's depth and widths on 16x16 images: 16 tokens, where 32x32 has 64, and the same
-    kernels but the position embedding, at a quarter of the compute."""
+    """ViT-Ti's depth and widths on 16x16 images: the same kernels but the position
+    embedding, and 16 tokens an image where 32x32 gives 64."""
     images = normal(2, (64, 16, 16, 3))
     model = archs.create("vit-tiny", num_classes=CLASSES, image_size=16, rngs=nnx.Rngs(seed))
     return model, images, SharingRule(share_dense=True)
